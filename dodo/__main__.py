@@ -1,0 +1,5 @@
+import sys
+
+from dodo.cli import main
+
+sys.exit(main())

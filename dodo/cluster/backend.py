@@ -1,0 +1,73 @@
+"""The scheduler interface: one small class per backend (local now; Slurm and LSF next).
+
+A backend renders a launch plan (pure, for --dry-run and the run's job/ folder), submits a
+run directory, and answers liveness and cancel for what it submitted. The record it returns
+is kept in job/backend.json, so `dodo status` and `dodo cancel` work from any shell.
+"""
+
+from __future__ import annotations
+
+import abc
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from dodo.config.schema import JobConfig
+from dodo.rundir import RunDir, read_json, write_json_atomic
+
+
+@dataclass
+class JobRecord:
+    backend: str
+    job_id: str
+    submitted: float
+    details: dict[str, Any] = field(default_factory=dict)  # backend-specific: pids, script paths
+
+    def save(self, run: RunDir) -> None:
+        write_json_atomic(run.backend_file, asdict(self))
+
+    @classmethod
+    def load(cls, run: RunDir) -> "JobRecord | None":
+        data = read_json(run.backend_file)
+        return cls(**data) if data else None
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def launch_plan(self, cfg: JobConfig, run_path: str) -> str:
+        """Human-readable description of what submit would run (no side effects)."""
+
+    @abc.abstractmethod
+    def submit(self, run: RunDir, cfg: JobConfig, foreground: bool) -> tuple[JobRecord, int]:
+        """Start the run. Returns its record and an exit status (0 when detached)."""
+
+    @abc.abstractmethod
+    def is_alive(self, record: JobRecord) -> bool: ...
+
+    @abc.abstractmethod
+    def cancel(self, record: JobRecord) -> None: ...
+
+
+class BackendError(Exception):
+    """A submission the backend could not make; the message says what to change."""
+
+
+def detect_backend() -> str:
+    """`--cluster auto`: the scheduler whose submit command is on PATH, else local."""
+    if shutil.which("sbatch"):
+        return "slurm"
+    if shutil.which("bsub"):
+        return "lsf"
+    return "local"
+
+
+def get_backend(name: str) -> Backend:
+    from dodo.cluster.local import LocalBackend
+
+    backends: dict[str, type[Backend]] = {"local": LocalBackend}
+    if name not in backends:
+        raise BackendError(f"the {name} backend is not part of this version of dodo yet; "
+                           "run with --cluster local (cluster.backend=local)")
+    return backends[name]()

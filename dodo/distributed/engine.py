@@ -1,0 +1,110 @@
+"""DeepSpeed setup: process group, the DeepSpeed config generated from dodo's, the engine."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from dodo.cluster.env import DistEnv
+from dodo.config.schema import JobConfig
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """fp32 on CPU; fp16 (with loss scaling) on V100 / sm_70; bf16 on sm_80+."""
+    if requested != "auto":
+        if device.type == "cpu" and requested != "fp32":
+            raise ValueError(f"train.precision={requested} needs a GPU; use fp32 or auto on CPU")
+        if requested == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            raise ValueError("train.precision=bf16 needs sm_80 or newer (V100 is sm_70); use fp16 or auto")
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
+def init_distributed(env: DistEnv) -> None:
+    """Initialise torch.distributed through DeepSpeed: gloo on CPU, nccl on GPU."""
+    import deepspeed
+
+    env.export()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+
+
+def deepspeed_config(cfg: JobConfig, world_size: int, precision: str) -> dict[str, Any]:
+    t, ds = cfg.train, cfg.deepspeed
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {
+            "stage": ds.zero_stage,
+            "overlap_comm": ds.overlap_comm,
+            "contiguous_gradients": ds.contiguous_gradients,
+            "reduce_bucket_size": ds.reduce_bucket_size,
+            "allgather_bucket_size": ds.allgather_bucket_size,
+        },
+        # dodo passes its own torch AdamW: DeepSpeed's fused/CPU Adam need compiled ops that
+        # POWER9 and CPU-only hosts may lack, and ZeRO 1/2 shard any torch optimizer correctly.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # dodo logs progress itself
+        "wall_clock_breakdown": False,
+    }
+    if precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": ds.initial_scale_power,
+                          "loss_scale_window": ds.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1}
+    elif precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def lr_lambda(cfg: JobConfig):
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: nn.Module, cfg: JobConfig) -> list[dict[str, Any]]:
+    """Trainable parameters only; a trainable image encoder gets its own (small) lr."""
+    encoder = getattr(model, "image_encoder", None)
+    encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    main = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
+    groups = [{"params": main, "lr": cfg.train.lr}]
+    enc = [p for p in model.parameters() if p.requires_grad and id(p) in encoder_ids]
+    if enc:
+        groups.append({"params": enc, "lr": cfg.model.image_encoder.lr})
+    return groups
+
+
+def create_engine(model: nn.Module, cfg: JobConfig, env: DistEnv, precision: str):
+    """Returns (engine, lr_scheduler). Only trainable parameters reach the optimizer."""
+    import deepspeed
+
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                  weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, env.world_size, precision))
+    return engine, scheduler

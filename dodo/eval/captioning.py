@@ -1,0 +1,62 @@
+"""Captioning evaluation: held-out caption loss and greedy captions scored for colour and shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dodo.data.collate import CaptionCollator
+from dodo.data.synthetic import caption_attributes
+
+
+@torch.no_grad()
+def caption_loss(model: nn.Module, dataset, collate: CaptionCollator, batch_size: int,
+                 rank: int, world_size: int) -> float:
+    """Mean per-token caption loss over the whole held-out set, split across ranks."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, number of tokens)
+    indices = list(range(rank, len(dataset), world_size))
+    for lo in range(0, len(indices), batch_size):
+        batch = collate([dataset[i] for i in indices[lo:lo + batch_size]])
+        tokens = int(batch["attention_mask"].sum())
+        loss = model(batch["images"].to(device), batch["input_ids"].to(device),
+                     batch["attention_mask"].to(device))
+        total += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+@dataclass
+class CaptionResult:
+    key: str
+    target: str
+    predicted: str
+    correct: bool  # colour and shape both named right
+
+
+@torch.no_grad()
+def greedy_captions(model: nn.Module, dataset, collate: CaptionCollator, tokenizer, count: int,
+                    max_tokens: int) -> list[CaptionResult]:
+    """Greedy captions for the first `count` held-out images (rank 0 only)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    results = []
+    for lo in range(0, len(samples), 32):
+        chunk = samples[lo:lo + 32]
+        images = collate(chunk)["images"].to(device)
+        for sample, ids in zip(chunk, model.generate(images, max_tokens=max_tokens)):
+            predicted = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            want, got = sample.attrs, caption_attributes(predicted)
+            correct = got["colour"] == want["colour"] and got["shape"] == want["shape"]
+            results.append(CaptionResult(sample.key, sample.caption, predicted, correct))
+    model.train(was_training)
+    return results

@@ -1,0 +1,14 @@
+"""Model families, one module each, found by `model.family`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dodo.models.config import ModelConfig
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int) -> nn.Module:
+    if cfg.family == "magma":
+        from dodo.models.magma import MagmaModel
+        return MagmaModel(cfg, vocab_size=vocab_size, eos_token_id=eos_token_id)
+    raise ValueError(f"unknown model.family {cfg.family!r}")

@@ -1,0 +1,140 @@
+"""A MAGMA-style prefix LM: image encoder -> prefix projection -> frozen causal LM with adapters.
+
+The image encoder's patch tokens are projected to the LM width (Linear -> Dropout -> LayerNorm)
+and placed before the caption's token embeddings; the LM is trained (through its adapters only)
+to predict the caption. Labels are ignored on image positions and on padding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, GPT2Config,
+                          GPTJConfig, GPTNeoConfig, PreTrainedModel, ViTConfig, ViTModel)
+
+from dodo.adapters.inject import count_parameters, freeze, inject_adapters
+from dodo.models.config import ImageEncoderConfig, LMConfig, ModelConfig
+
+IGNORE_INDEX = -100
+
+
+def _require_dir(path: str, key: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{key}={path!r} is not a directory; point it at a local copy of "
+                                "the pretrained weights (nothing is downloaded at run time)")
+
+
+def build_lm(cfg: LMConfig, vocab_size: int, eos_token_id: int) -> PreTrainedModel:
+    """A causal LM from local weights, or randomly initialised from the configured sizes."""
+    if cfg.path:
+        _require_dir(cfg.path, "model.lm.path")
+        lm = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True)
+        if lm.get_input_embeddings().num_embeddings < vocab_size:  # the added <|image|> token
+            lm.resize_token_embeddings(vocab_size)
+        return lm
+    # Random init: dropout off, since the base is frozen and only adds noise here.
+    ids = dict(bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+               initializer_range=cfg.init_std)
+    if cfg.arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.d_model,
+                            n_layer=cfg.n_layer, n_head=cfg.n_head,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    elif cfg.arch == "gpt_neo":
+        config = GPTNeoConfig(vocab_size=vocab_size, max_position_embeddings=cfg.n_positions,
+                              hidden_size=cfg.d_model, num_layers=cfg.n_layer, num_heads=cfg.n_head,
+                              attention_types=[[["global"], cfg.n_layer]],
+                              resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0, **ids)
+    else:
+        config = GPTJConfig(vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.d_model,
+                            n_layer=cfg.n_layer, n_head=cfg.n_head, rotary_dim=cfg.rotary_dim,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    return AutoModelForCausalLM.from_config(config)
+
+
+class ImageEncoder(nn.Module):
+    """Image -> a sequence of patch features (B, N, hidden); the CLS token is dropped."""
+
+    def __init__(self, cfg: ImageEncoderConfig):
+        super().__init__()
+        if cfg.arch == "vit":
+            if cfg.path:
+                _require_dir(cfg.path, "model.image_encoder.path")
+                self.net = ViTModel.from_pretrained(cfg.path, add_pooling_layer=False, local_files_only=True)
+            else:
+                self.net = ViTModel(ViTConfig(
+                    image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden,
+                    num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                    intermediate_size=4 * cfg.hidden), add_pooling_layer=False)
+        else:
+            if cfg.path:
+                _require_dir(cfg.path, "model.image_encoder.path")
+                self.net = CLIPVisionModel.from_pretrained(cfg.path, local_files_only=True)
+            else:
+                self.net = CLIPVisionModel(CLIPVisionConfig(
+                    image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden,
+                    num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                    intermediate_size=4 * cfg.hidden))
+        self.hidden = self.net.config.hidden_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, N, hidden)
+        return self.net(pixel_values=images).last_hidden_state[:, 1:]
+
+
+class MagmaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, eos_token_id: int):
+        super().__init__()
+        self.eos_token_id = eos_token_id
+        self.image_encoder = ImageEncoder(cfg.image_encoder)
+        self.lm = build_lm(cfg.lm, vocab_size, eos_token_id)
+        d_model = self.lm.get_input_embeddings().embedding_dim
+        self.prefix = nn.Sequential(nn.Linear(self.image_encoder.hidden, d_model),
+                                    nn.Dropout(cfg.prefix_dropout), nn.LayerNorm(d_model))
+        # Freeze the base explicitly (MAGMA's own freeze path never did: a known bug), then add
+        # adapters, which are created trainable.
+        freeze(self.lm)
+        if not cfg.image_encoder.trainable:
+            freeze(self.image_encoder)
+        self.adapted_modules = inject_adapters(self.lm, cfg.adapter, d_model)
+
+    def embed(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        prefix = self.prefix(self.image_encoder(images))  # (B, P, d)
+        text = self.lm.get_input_embeddings()(input_ids)  # (B, T, d)
+        return torch.cat([prefix, text.to(prefix.dtype)], dim=1)  # (B, P + T, d)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean caption loss over the caption tokens and their EOS; padding is ignored."""
+        embeds = self.embed(images, input_ids)
+        n_prefix = embeds.shape[1] - input_ids.shape[1]
+        mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], n_prefix), attention_mask], dim=1)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits  # (B, P + T, V)
+        # Position P-1+t predicts text token t: the last image token predicts the first word.
+        text_logits = logits[:, n_prefix - 1:-1]  # (B, T, V)
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        return F.cross_entropy(text_logits.float().reshape(-1, text_logits.shape[-1]),
+                               labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, max_tokens: int = 16) -> list[list[int]]:
+        """Greedy captions, one token list per image (EOS excluded)."""
+        input_ids = images.new_zeros(images.shape[0], 0, dtype=torch.long)
+        done = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+        for _ in range(max_tokens):
+            logits = self.lm(inputs_embeds=self.embed(images, input_ids)).logits[:, -1]  # (B, V)
+            next_id = logits.argmax(-1)
+            next_id = next_id.masked_fill(done, self.eos_token_id)
+            input_ids = torch.cat([input_ids, next_id[:, None]], dim=1)
+            done |= next_id == self.eos_token_id
+            if bool(done.all()):
+                break
+        return [row[:self._eos_at(row)].tolist() for row in input_ids]
+
+    def _eos_at(self, row: torch.Tensor) -> int:
+        hits = (row == self.eos_token_id).nonzero()
+        return int(hits[0]) if len(hits) else len(row)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        return count_parameters(self)

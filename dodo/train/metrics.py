@@ -1,0 +1,74 @@
+"""Rank-0 metrics: metrics.jsonl, TensorBoard, and a progress line with loss, samples/s, ETA."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dodo.rundir import write_atomic
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsWriter:
+    """Appends metrics rows; on resume, rows past the checkpoint's step are dropped first,
+    so a run that was interrupted and resumed has one row per step, like a straight run."""
+
+    def __init__(self, metrics_path: Path, tensorboard_dir: Path, resume_step: int):
+        self.path = metrics_path
+        kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= resume_step]
+        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.file = open(metrics_path, "a")
+        from torch.utils.tensorboard import SummaryWriter  # heavy import, rank 0 only
+        self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, step: int, **values: Any) -> None:
+        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        self.file.flush()
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self.tb.add_scalar(key.replace(".", "/"), value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+class Progress:
+    """One status line per log interval; redrawn in place (\\r) when DODO_PROGRESS=bar or a TTY."""
+
+    def __init__(self, total_steps: int, start_step: int, samples_per_step: int):
+        self.total, self.start, self.samples_per_step = total_steps, start_step, samples_per_step
+        self.t0 = time.perf_counter()
+        self.inplace = os.environ.get("DODO_PROGRESS") == "bar" or sys.stdout.isatty()
+
+    def update(self, step: int, loss: float, lr: float) -> str:
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.start
+        rate = done * self.samples_per_step / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) * elapsed / done if done else 0.0
+        width = 20
+        filled = int(width * step / self.total)
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total} | loss {loss:.4f} | "
+                f"lr {lr:.2e} | {rate:.0f} samples/s | ETA {format_duration(eta)}")
+        print(("\r" + line) if self.inplace else line, end="" if self.inplace else "\n", flush=True)
+        return line
+
+    def close(self) -> None:
+        if self.inplace:
+            print(flush=True)
