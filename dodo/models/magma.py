@@ -15,7 +15,7 @@ from torch import nn
 from transformers import (AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, GPT2Config,
                           GPTJConfig, GPTNeoConfig, PreTrainedModel, ViTConfig, ViTModel)
 
-from dodo.adapters.inject import count_parameters, freeze, inject_adapters
+from dodo.adapters.inject import freeze, inject_adapters
 from dodo.models.config import ImageEncoderConfig, LMConfig, ModelConfig
 
 IGNORE_INDEX = -100
@@ -135,6 +135,3 @@ class MagmaModel(nn.Module):
     def _eos_at(self, row: torch.Tensor) -> int:
         hits = (row == self.eos_token_id).nonzero()
         return int(hits[0]) if len(hits) else len(row)
-
-    def parameter_counts(self) -> tuple[int, int]:
-        return count_parameters(self)

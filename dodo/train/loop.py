@@ -10,16 +10,13 @@ import torch
 import torch.distributed as dist
 
 from dodo import __version__
+from dodo.adapters.inject import count_parameters
 from dodo.cluster.env import DistEnv
 from dodo.config.schema import JobConfig
-from dodo.data.collate import CaptionCollator
 from dodo.data.sampler import GlobalBatchSampler
-from dodo.data.synthetic import SyntheticShapes
-from dodo.data.tokenizer import load_tokenizer
 from dodo.distributed.engine import create_engine, device_for, init_distributed, resolve_precision
-from dodo.eval.captioning import caption_loss, greedy_captions
-from dodo.models import build_model
 from dodo.rundir import RunDir
+from dodo.tasks import build_task
 from dodo.train import checkpoint
 from dodo.train.metrics import MetricsWriter, Progress
 from dodo.train.signals import StopFlag
@@ -41,33 +38,26 @@ class Trainer:
         self.device = device_for(env)
         self.precision = resolve_precision(cfg.train.precision, self.device)
 
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer)
         torch.manual_seed(cfg.model.init_seed)  # frozen random-init weights: identical on every rank
-        model = build_model(cfg.model, vocab_size=len(self.tokenizer),
-                            eos_token_id=self.tokenizer.eos_token_id).to(self.device)
-        self.trainable, self.total_params = model.parameter_counts()
+        self.task = build_task(cfg)
+        model = self.task.model.to(self.device)
+        self.trainable, self.total_params = count_parameters(model)
         self.engine, self.scheduler = create_engine(model, cfg, env, self.precision)
-
-        d = cfg.data
-        self.train_set = SyntheticShapes("train", d.num_train, d.image_size, d.seed)
-        self.eval_set = SyntheticShapes("eval", d.num_eval, d.image_size, d.seed)
-        self.collate = CaptionCollator(self.tokenizer, d.max_caption_tokens)
         self.global_batch = cfg.train.micro_batch * cfg.train.grad_accum * self.world
 
         self.step = 0
+        self.history: dict[str, Any] = {}
         ckpt = checkpoint.latest(run)
         if ckpt is not None:
             state = checkpoint.load(self.engine, ckpt)
-            self.step = state["step"]
+            self.step, self.history = state["step"], state.get("history", {})
             self._sampler(self.step).check_resumable(state["sampler"])
-            self.history: dict[str, Any] = state.get("history", {})
             log.info("resumed from %s at step %d", ckpt.path, self.step)
         else:
             torch.manual_seed(cfg.train.seed * 1000 + self.rank)  # dropout streams differ per rank
-            self.history = {}
 
     def _sampler(self, start_step: int) -> GlobalBatchSampler:
-        return GlobalBatchSampler(len(self.train_set), self.global_batch, self.rank, self.world,
+        return GlobalBatchSampler(len(self.task.train_set), self.global_batch, self.rank, self.world,
                                   seed=self.cfg.data.seed, start_step=start_step,
                                   max_steps=self.cfg.train.steps)
 
@@ -75,13 +65,12 @@ class Trainer:
         # A private generator: the DataLoader draws its worker base seed from it, not from the
         # global RNG, whose stream must be the same in a straight run and a resumed one.
         return torch.utils.data.DataLoader(
-            self.train_set, batch_sampler=self._sampler(self.step), collate_fn=self.collate,
+            self.task.train_set, batch_sampler=self._sampler(self.step), collate_fn=self.task.collate,
             num_workers=self.cfg.data.num_workers,
             generator=torch.Generator().manual_seed(self.cfg.data.seed + self.step))
 
-    def _eval_loss(self) -> float:
-        return caption_loss(self.engine.module, self.eval_set, self.collate, self.cfg.train.micro_batch * 2,
-                            self.rank, self.world)
+    def _evaluate(self) -> dict[str, float]:
+        return self.task.evaluate(self.engine.module, 2 * self.cfg.train.micro_batch, self.rank, self.world)
 
     def _save(self) -> None:
         state = {"step": self.step, "sampler": self._sampler(self.step).state_dict(self.step),
@@ -98,10 +87,10 @@ class Trainer:
             self.run.update_status(state="running", step=self.step, total_steps=t.steps, world_size=self.world)
             print(f"dodo: {cfg.name}: {self.world} ranks, {self.precision}, ZeRO-{cfg.deepspeed.zero_stage}, "
                   f"{self.trainable:,} trainable of {self.total_params:,} parameters", flush=True)
-        if "initial_eval_loss" not in self.history:
-            self.history["initial_eval_loss"] = self._eval_loss()
+        if "initial_eval" not in self.history:
+            self.history["initial_eval"] = self._evaluate()
             if writer:
-                writer.write(0, **{"eval.loss": self.history["initial_eval_loss"]})
+                writer.write(0, **self.history["initial_eval"])
         progress = Progress(t.steps, self.step, self.global_batch)
         window, window_steps, started, first_step = 0.0, 0, time.perf_counter(), self.step
         self.engine.train()
@@ -118,23 +107,15 @@ class Trainer:
                     self.run.update_status(step=self.step, last_loss=mean_loss)
                 window, window_steps = 0.0, 0
             if self.step % t.eval_every == 0 and self.step < t.steps:
-                eval_loss = self._eval_loss()
+                metrics = self._evaluate()
                 if writer:
-                    writer.write(self.step, **{"eval.loss": eval_loss})
+                    writer.write(self.step, **metrics)
             if self.step % t.save_every == 0 or self.step == t.steps:
                 self._save()
             if t.steps_per_allocation and self.step - first_step >= t.steps_per_allocation:
                 self.stop.reason = self.stop.reason or f"train.steps_per_allocation={t.steps_per_allocation} reached"
             if self.step < t.steps and self.stop.agreed():
-                if self.step % t.save_every:
-                    self._save()
-                if writer:
-                    progress.close()
-                    print(f"dodo: stopped at step {self.step}/{t.steps} ({self.stop.reason}) after a checkpoint; "
-                          "resume with `dodo submit <run dir>`", flush=True)
-                    self.run.update_status(state="stopped", step=self.step, reason=self.stop.reason)
-                    writer.close()
-                return EXIT_STOPPED
+                return self._stopped(writer, progress)
         if writer:
             progress.close()
         self._finish(writer, time.perf_counter() - started)
@@ -142,37 +123,41 @@ class Trainer:
 
     def _train_step(self, batch: dict[str, Any]) -> float:
         """One optimizer step over this rank's share of the global batch; returns its mean loss."""
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        rows = next(iter(tensors.values())).shape[0]
         mb, losses = self.cfg.train.micro_batch, []
-        for lo in range(0, batch["input_ids"].shape[0], mb):
-            loss = self.engine(batch["images"][lo:lo + mb].to(self.device),
-                               batch["input_ids"][lo:lo + mb].to(self.device),
-                               batch["attention_mask"][lo:lo + mb].to(self.device))
+        for lo in range(0, rows, mb):
+            loss = self.engine(**{k: v[lo:lo + mb].to(self.device) for k, v in tensors.items()})
             self.engine.backward(loss)
             self.engine.step()
             losses.append(float(loss))
         return sum(losses) / len(losses)
 
     def _all_mean(self, value: float) -> float:
-        if not dist.is_initialized():
-            return value
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t)
         return float(t) / self.world
 
+    def _stopped(self, writer: MetricsWriter | None, progress: Progress) -> int:
+        if self.step % self.cfg.train.save_every:
+            self._save()
+        if writer:
+            progress.close()
+            print(f"dodo: stopped at step {self.step}/{self.cfg.train.steps} ({self.stop.reason}) after a "
+                  "checkpoint; resume with `dodo submit <run dir>`", flush=True)
+            self.run.update_status(state="stopped", step=self.step, reason=self.stop.reason)
+            writer.close()
+        return EXIT_STOPPED
+
     def _finish(self, writer: MetricsWriter | None, train_seconds: float) -> None:
-        final_eval = self._eval_loss()
-        if writer is None:
-            dist.barrier()
-            return
-        writer.write(self.step, **{"eval.loss": final_eval})
-        captions = greedy_captions(self.engine.module, self.eval_set, self.collate, self.tokenizer,
-                                   self.cfg.train.caption_samples, self.cfg.data.max_caption_tokens)
-        accuracy = sum(c.correct for c in captions) / max(1, len(captions))
-        writer.write(self.step, **{"eval.caption_accuracy": accuracy})
-        writer.close()
-        write_summary(self.run, self.cfg, self.history["initial_eval_loss"], final_eval, captions,
-                      accuracy, train_seconds, self.world, self.trainable, self.total_params)
-        self.run.update_status(state="completed", step=self.step)
+        final_eval = self._evaluate()
+        if writer is not None:
+            extra, report = self.task.final_report(self.engine.module)
+            writer.write(self.step, **final_eval, **extra)
+            writer.close()
+            write_summary(self.run, self.cfg, self.history["initial_eval"], {**final_eval, **extra}, report,
+                          train_seconds, self.world, self.trainable, self.total_params)
+            self.run.update_status(state="completed", step=self.step)
         dist.barrier()
 
     def close(self) -> None:

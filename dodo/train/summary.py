@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Sequence
 
 from dodo.config.schema import JobConfig
-from dodo.eval.captioning import CaptionResult
 from dodo.rundir import RunDir, write_json_atomic
 from dodo.train.metrics import format_duration, read_metrics
 
@@ -19,12 +18,12 @@ def plot_losses(run: RunDir) -> Path:
 
     rows = read_metrics(run.metrics)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("train.loss", "train caption loss"), ("eval.loss", "held-out caption loss")):
+    for key, label in (("train.loss", "train loss"), ("eval.loss", "held-out loss")):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             ax.plot(*zip(*points), marker="o" if key == "eval.loss" else None, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -37,47 +36,46 @@ def plot_losses(run: RunDir) -> Path:
     return path
 
 
-def write_summary(run: RunDir, cfg: JobConfig, initial_eval: float, final_eval: float,
-                  captions: Sequence[CaptionResult], accuracy: float, train_seconds: float,
-                  world_size: int, trainable: int, total_params: int) -> dict:
-    rows = read_metrics(run.metrics)
-    train_losses = [r["train.loss"] for r in rows if "train.loss" in r]
-    created = run.status().get("created", None)
+def write_summary(run: RunDir, cfg: JobConfig, initial: dict[str, float], final: dict[str, float],
+                  report: Sequence[str], train_seconds: float, world_size: int, trainable: int,
+                  total_params: int) -> dict:
+    train_losses = [r["train.loss"] for r in read_metrics(run.metrics) if "train.loss" in r]
+    created = run.status().get("created")
     summary = {
         "name": cfg.name,
         "steps": cfg.train.steps,
         "world_size": world_size,
         "trainable_parameters": trainable,
         "total_parameters": total_params,
-        "initial_eval_loss": initial_eval,
-        "final_eval_loss": final_eval,
-        "eval_loss_ratio": final_eval / initial_eval,
+        "initial": initial,
+        "final": final,
         "final_train_loss": train_losses[-1] if train_losses else None,
-        "caption_accuracy": accuracy,
-        "caption_samples": len(captions),
         "train_seconds_this_allocation": train_seconds,
         "wall_seconds": time.time() - created if created else train_seconds,
         "loss_plot": str(plot_losses(run)),
     }
     write_json_atomic(run.summary_file, summary)
-    print(render_summary(run, summary, captions), flush=True)
+    print("\n".join([*report, "", render_summary(run, summary)]), flush=True)
     return summary
 
 
-def render_summary(run: RunDir, s: dict, captions: Sequence[CaptionResult], show: int = 8) -> str:
-    lines = [f"greedy captions on held-out images ({sum(c.correct for c in captions)}/{len(captions)} "
-             "name the right colour and shape):"]
-    for c in captions[:show]:
-        lines.append(f"  {'ok  ' if c.correct else 'MISS'} {c.key}: {c.predicted!r:40} (true: {c.target!r})")
-    lines += [
-        "",
+def _format_metric(key: str, value: float) -> str:
+    return f"{100 * value:.1f}%" if key.endswith("accuracy") else f"{value:.4f}"
+
+
+def render_summary(run: RunDir, s: dict) -> str:
+    first, last = s["initial"]["eval.loss"], s["final"]["eval.loss"]
+    lines = [
         f"summary of {s['name']}",
         f"  steps              {s['steps']} on {s['world_size']} ranks",
         f"  parameters         {s['trainable_parameters']:,} trainable of {s['total_parameters']:,}",
-        f"  held-out loss      {s['initial_eval_loss']:.4f} -> {s['final_eval_loss']:.4f} "
-        f"({100 * (1 - s['eval_loss_ratio']):.0f}% lower)",
+        f"  held-out loss      {first:.4f} -> {last:.4f} ({100 * (1 - last / first):.0f}% lower)",
         f"  final train loss   {s['final_train_loss']:.4f}",
-        f"  caption accuracy   {100 * s['caption_accuracy']:.1f}% (colour and shape right)",
+    ]
+    for key, value in s["final"].items():
+        if key != "eval.loss":
+            lines.append(f"  {key.removeprefix('eval.').replace('_', ' '):18} {_format_metric(key, value)}")
+    lines += [
         f"  time               {format_duration(s['wall_seconds'])} wall, "
         f"{format_duration(s['train_seconds_this_allocation'])} training",
         f"  run directory      {run.path}",
