@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from dodo.cluster.backend import BackendError, detect_backend, get_backend
     from dodo.config.loader import dump_config, load_job
+    from dodo.config.preflight import missing_paths
     from dodo.rundir import RunDir
 
     resume = Path(args.job).is_dir()
@@ -84,8 +85,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
             backend = get_backend("local")
         else:
             raise ConfigError(str(err)) from None
+    missing = missing_paths(cfg)
     if args.dry_run:
-        return _print_dry_run(cfg, backend, dump_config(cfg))
+        return _print_dry_run(cfg, backend, dump_config(cfg), missing)
+    if missing:
+        raise ConfigError(f"{args.job}: {missing[0]}")
     if not resume:
         run = RunDir.create(cfg.runs_dir, cfg.name, dump_config(cfg))
     try:
@@ -100,7 +104,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return code
 
 
-def _print_dry_run(cfg, backend, config_text: str) -> int:
+def _print_dry_run(cfg, backend, config_text: str, missing: list[str]) -> int:
     from dodo.distributed.engine import deepspeed_config
 
     run_path = f"{cfg.runs_dir}/{cfg.name}/<id>"
@@ -108,14 +112,21 @@ def _print_dry_run(cfg, backend, config_text: str) -> int:
     print(f"# launch plan ({backend.name} backend)\n{backend.launch_plan(cfg, run_path)}\n")
     print("# DeepSpeed config per rank (precision resolved per device at run time; CPU shown)")
     print(json.dumps(deepspeed_config(cfg, cfg.cluster.world_size, "fp32"), indent=2))
+    for problem in missing:
+        print(f"\n# warning: {problem}")
     print("\n# dry run: nothing was submitted or written")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from dodo.cluster.env import DistEnvError
+    from dodo.train.checkpoint import CheckpointError
     from dodo.train.entry import run_rank
 
-    return run_rank(args.run_dir)
+    try:
+        return run_rank(args.run_dir)
+    except (DistEnvError, CheckpointError) as err:
+        raise ConfigError(str(err)) from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

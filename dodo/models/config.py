@@ -7,6 +7,7 @@ from typing import Literal, Optional
 
 from dodo.adapters.config import AdapterConfig
 from dodo.config.errors import check
+from dodo.config.preflight import MUST_EXIST
 
 
 @dataclass
@@ -14,7 +15,7 @@ class LMConfig:
     """The frozen causal language model (GPT-2 / GPT-Neo / GPT-J family)."""
 
     arch: Literal["gpt2", "gpt_neo", "gptj"] = "gpt2"
-    path: Optional[str] = None  # local pretrained weights; None = random init from the sizes below
+    path: Optional[str] = field(default=None, metadata=MUST_EXIST)  # local weights; None: random init
     d_model: int = 128
     n_layer: int = 2
     n_head: int = 4
@@ -41,7 +42,7 @@ class ImageEncoderConfig:
     """The image tower: a ViT (transformers ViTModel) or a CLIP vision tower."""
 
     arch: Literal["vit", "clip_vision"] = "vit"
-    path: Optional[str] = None  # local pretrained weights; None = random init
+    path: Optional[str] = field(default=None, metadata=MUST_EXIST)  # local weights; None: random init
     image_size: int = 32
     patch_size: int = 8
     hidden: int = 64
@@ -66,7 +67,8 @@ class ModelConfig:
 
     family: Literal["magma"] = "magma"
     init_seed: int = 0  # frozen random-init weights are rebuilt from this seed on every rank
-    tokenizer: str = "builtin:synthetic"  # or a local path to a tokenizer directory / tokenizer.json
+    # builtin:synthetic, or a local tokenizer directory / tokenizer.json
+    tokenizer: str = field(default="builtin:synthetic", metadata=MUST_EXIST)
     lm: LMConfig = field(default_factory=LMConfig)
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     prefix_dropout: float = 0.1

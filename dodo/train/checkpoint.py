@@ -26,6 +26,10 @@ _TAG = re.compile(r"^step_(\d{8})$")
 META = "dodo_meta.json"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed here; the message says why and what to do."""
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -108,7 +112,7 @@ def load(engine, ckpt: CheckpointInfo) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if ckpt.world_size != world:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {ckpt.path} was written by {ckpt.world_size} ranks but this run has {world}; "
             f"resume with {ckpt.world_size} ranks (resuming on another world size needs a universal "
             "checkpoint conversion, not supported yet)")
@@ -116,6 +120,6 @@ def load(engine, ckpt: CheckpointInfo) -> dict[str, Any]:
                                              load_module_strict=False, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     if client_state is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt.path}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt.path}")
     set_rng_state(torch.load(ckpt.path / f"dodo_rank_{rank}.pt", weights_only=False))
     return client_state
