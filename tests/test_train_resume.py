@@ -32,6 +32,8 @@ def assert_same_training(a: Path, b: Path, steps: int) -> None:
     assert la == lb  # bitwise, step by step
     sa, sb = trainable_state(a), trainable_state(b)
     assert sa.keys() == sb.keys() and len(sa) > 0
+    # Only trainable state is saved: adapters and the prefix projection, no frozen base weights.
+    assert all(".adapter." in k or k.startswith("prefix.") for k in sa), sorted(sa)
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
 
