@@ -96,11 +96,51 @@ def param_groups(model: nn.Module, cfg: JobConfig) -> list[dict[str, Any]]:
     return groups
 
 
+def _exclude_tied_frozen_aliases() -> None:
+    """Make DeepSpeed's exclude_frozen_parameters drop tied aliases of frozen weights too.
+
+    DeepSpeed filters the state dict with `module.named_parameters()`, which lists a tied
+    parameter once, so the alias (GPT-2/GPT-J's `lm_head.weight`, tied to the frozen input
+    embedding: 206M parameters for GPT-J) stayed in every checkpoint. Wrapping the class method
+    also covers its MoE checkpoint path, which calls `DeepSpeedEngine.module_state_dict` directly.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine.module_state_dict
+    if getattr(original, "_dodo_wrapped", False):
+        return
+
+    def module_state_dict(self, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+        sd = original(self, destination=destination, prefix=prefix, keep_vars=keep_vars,
+                      exclude_frozen_parameters=exclude_frozen_parameters)
+        if exclude_frozen_parameters and sd is not None:
+            for name, p in self.module.named_parameters(prefix=prefix, remove_duplicate=False):
+                if not p.requires_grad:
+                    sd.pop(name, None)
+        return sd
+
+    module_state_dict._dodo_wrapped = True
+    DeepSpeedEngine.module_state_dict = module_state_dict
+
+
+def moe_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """MoE: expert parameters (tagged allreduce=False by dodo.moe.layer) move to their own groups
+    ({'moe': True, 'name': 'ep_size_<n>'}), which ZeRO-1/2 reduce and partition over the
+    expert-data-parallel group; DeepSpeed refuses an MoE model without them. Else unchanged."""
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    if not any(is_moe_param(p) for g in groups for p in g["params"]):
+        return groups
+    named = [{**g, "name": g.get("name", f"group_{i}")} for i, g in enumerate(groups)]
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]
+
+
 def create_engine(model: nn.Module, cfg: JobConfig, env: DistEnv, precision: str):
     """Returns (engine, lr_scheduler). Only trainable parameters reach the optimizer."""
     import deepspeed
 
-    groups = param_groups(model, cfg)
+    _exclude_tied_frozen_aliases()
+    groups = moe_param_groups(param_groups(model, cfg))
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
