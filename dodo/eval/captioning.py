@@ -21,9 +21,13 @@ def caption_loss(model: nn.Module, dataset, collate: CaptionCollator, batch_size
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, number of tokens)
     indices = list(range(rank, len(dataset), world_size))
-    for lo in range(0, len(indices), batch_size):
-        batch = collate([dataset[i] for i in indices[lo:lo + batch_size]])
-        tokens = int(batch["attention_mask"].sum())
+    # Every rank runs the same number of forwards: an expert-parallel MoE model exchanges tokens
+    # between ranks in each one. A rank out of samples runs a repeat of sample 0, not counted.
+    per_rank = -(-len(dataset) // world_size)
+    for lo in range(0, per_rank, batch_size):
+        chunk = indices[lo:lo + batch_size]
+        batch = collate([dataset[i] for i in (chunk or [0])])
+        tokens = int(batch["attention_mask"].sum()) if chunk else 0
         loss = model(batch["images"].to(device), batch["input_ids"].to(device),
                      batch["attention_mask"].to(device))
         total += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64)

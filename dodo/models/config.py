@@ -7,7 +7,10 @@ from typing import Literal, Optional
 
 from dodo.adapters.config import AdapterConfig
 from dodo.config.errors import check
+from dodo.moe.config import MoEConfig
 from dodo.config.preflight import MUST_EXIST
+from dodo.models.clip.config import ClipConfig
+from dodo.models.vlmo.config import VlmoConfig
 
 
 @dataclass
@@ -65,7 +68,7 @@ class ImageEncoderConfig:
 class ModelConfig:
     """A MAGMA-style prefix LM: image encoder -> prefix projection -> frozen LM with adapters."""
 
-    family: Literal["magma"] = "magma"
+    family: Literal["magma", "clip", "vlmo"] = "magma"
     init_seed: int = 0  # frozen random-init weights are rebuilt from this seed on every rank
     # builtin:synthetic, or a local tokenizer directory / tokenizer.json
     tokenizer: str = field(default="builtin:synthetic", metadata=MUST_EXIST)
@@ -73,7 +76,17 @@ class ModelConfig:
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     prefix_dropout: float = 0.1
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts adapters (dodo/moe)
+    clip: ClipConfig = field(default_factory=ClipConfig)  # family: clip (dual encoder)
+    vlmo: VlmoConfig = field(default_factory=VlmoConfig)  # family: vlmo (multiway transformer)
 
     def __post_init__(self) -> None:
         check(0.0 <= self.prefix_dropout < 1.0, "prefix_dropout",
               f"must be in [0, 1), got {self.prefix_dropout}")
+        check(not self.moe.enabled or self.family == "magma", "moe.num_experts",
+              f"MoE adapters go into the MAGMA LM; model.family={self.family} has none: "
+              "set model.moe.num_experts=0")
+        check(not self.moe.enabled or self.adapter.kind == "bottleneck", "adapter.kind",
+              f"MoE adapters replace the bottleneck adapters of model.moe.layers, but model.adapter.kind="
+              f"{self.adapter.kind} places none; set model.adapter.kind=bottleneck (its placement and "
+              "locations are used; model.moe.expert picks the expert type) or model.moe.num_experts=0")

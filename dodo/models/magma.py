@@ -15,6 +15,7 @@ from torch import nn
 from transformers import (AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, GPT2Config,
                           GPTJConfig, GPTNeoConfig, PreTrainedModel, ViTConfig, ViTModel)
 
+from dodo.adapters.film import FiLMCondition
 from dodo.adapters.inject import freeze, inject_adapters
 from dodo.models.config import ImageEncoderConfig, LMConfig, ModelConfig
 
@@ -97,10 +98,30 @@ class MagmaModel(nn.Module):
         freeze(self.lm)
         if not cfg.image_encoder.trainable:
             freeze(self.image_encoder)
-        self.adapted_modules = inject_adapters(self.lm, cfg.adapter, d_model)
+        # FiLM: every LM layer modulated by the image's mean patch feature (or a task embedding).
+        film = cfg.adapter.film
+        self.film_condition = None
+        if cfg.adapter.kind == "film":
+            self.film_condition = (FiLMCondition(self.image_encoder.hidden) if film.condition == "image"
+                                   else FiLMCondition(film.task_dim, film.num_tasks))
+        self.adapted_modules = inject_adapters(self.lm, cfg.adapter, d_model, self.film_condition)
+        # Mixture-of-experts adapters in place of the dense ones of model.moe.layers (None: off).
+        self.moe = None
+        if cfg.moe.enabled:
+            from dodo.moe.inject import attach_moe, upcycle_from_config  # imports DeepSpeed's MoE
+            self.moe = attach_moe(self.lm, cfg.moe, cfg.adapter, d_model, vocab_size)
+            upcycle_from_config(self, cfg)
 
     def embed(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        prefix = self.prefix(self.image_encoder(images))  # (B, P, d)
+        features = self.image_encoder(images)  # (B, P, enc)
+        if self.film_condition is not None:
+            if self.film_condition.tasks is None:
+                self.film_condition.set(features.mean(1))  # (B, enc)
+            else:
+                self.film_condition.set_task(torch.zeros(len(images), dtype=torch.long, device=images.device))
+        prefix = self.prefix(features)  # (B, P, d)
+        if self.moe is not None:  # hash / modality routers read the token ids
+            self.moe.set_tokens(input_ids, prefix.shape[1])
         text = self.lm.get_input_embeddings()(input_ids)  # (B, T, d)
         return torch.cat([prefix, text.to(prefix.dtype)], dim=1)  # (B, P + T, d)
 
@@ -114,8 +135,16 @@ class MagmaModel(nn.Module):
         # Position P-1+t predicts text token t: the last image token predicts the first word.
         text_logits = logits[:, n_prefix - 1:-1]  # (B, T, V)
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        return F.cross_entropy(text_logits.float().reshape(-1, text_logits.shape[-1]),
+        loss = F.cross_entropy(text_logits.float().reshape(-1, text_logits.shape[-1]),
                                labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        if self.moe is not None:  # the routers' weighted balance and z-losses, training only
+            aux = self.moe.aux_loss()
+            loss = loss + aux.to(loss.device) if self.training else loss
+        return loss
+
+    def step_metrics(self) -> dict[str, object]:
+        """Collective: MoE routing statistics since the last call (the loop logs them)."""
+        return self.moe.step_metrics() if self.moe is not None else {}
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, max_tokens: int = 16) -> list[list[int]]:

@@ -1,0 +1,57 @@
+"""CLIP dual-encoder config: the two towers (a transformers CLIPConfig) and the objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from dodo.config.errors import check
+from dodo.config.preflight import MUST_EXIST
+
+
+@dataclass
+class ClipConfig:
+    path: Optional[str] = field(default=None, metadata=MUST_EXIST)  # local CLIPModel; None: random init
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    max_text_len: int = 32
+    projection_dim: int = 64
+    # Besides the adapters: projections (the two linear heads), temperature (logit scale),
+    # all (full fine-tuning; the baseline).
+    trainable: list[Literal["projections", "temperature", "all"]] = field(default_factory=lambda: ["temperature"])
+    loss: Literal["infonce", "mpm_nce"] = "infonce"
+    init_temperature: float = 0.07  # InfoNCE: learnable, logit_scale = log(1 / T)
+    mpm_eps: float = 0.1  # MPM-NCE label smoothing (the paper's value was not found)
+    mpm_delta: float = 0.05  # margin added to the negatives
+    mpm_tau: float = 0.01  # fixed temperature
+    contrastive_weight: float = 1.0
+    mim_weight: float = 0.0  # masked image modelling through a light decoder (0: off)
+    mim_mask_ratio: float = 0.6
+    mlm_weight: float = 0.0  # masked language modelling on the text tower (0: off)
+    mlm_prob: float = 0.15
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads",
+                     "text_hidden", "text_layers", "text_heads", "max_text_len", "projection_dim"):
+            check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        check(self.image_size % self.patch_size == 0, "patch_size",
+              f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
+        check(self.vision_hidden % self.vision_heads == 0, "vision_hidden",
+              f"must be divisible by vision_heads={self.vision_heads}")
+        check(self.text_hidden % self.text_heads == 0, "text_hidden",
+              f"must be divisible by text_heads={self.text_heads}")
+        check(self.init_temperature > 0, "init_temperature", f"must be > 0, got {self.init_temperature}")
+        check(0 <= self.mpm_eps < 1, "mpm_eps", f"must be in [0, 1), got {self.mpm_eps}")
+        check(self.mpm_tau > 0, "mpm_tau", f"must be > 0, got {self.mpm_tau}")
+        check(0 < self.mim_mask_ratio < 1, "mim_mask_ratio", f"must be in (0, 1), got {self.mim_mask_ratio}")
+        check(0 < self.mlm_prob < 1, "mlm_prob", f"must be in (0, 1), got {self.mlm_prob}")
+        for name in ("contrastive_weight", "mim_weight", "mlm_weight"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(self.contrastive_weight + self.mim_weight + self.mlm_weight > 0, "contrastive_weight",
+              "all loss weights are 0: set contrastive_weight, mim_weight or mlm_weight")
