@@ -26,4 +26,9 @@ def missing_paths(cfg: Any, prefix: str = "") -> list[str]:
             problems.append(f"{key}={value!r} does not exist; point it at a local copy (nothing is "
                             "downloaded at run time) or override it, e.g. "
                             f"`dodo submit JOB {key}=/path/to/it`")
+        elif f.metadata.get("must_exist") and isinstance(value, list):  # a list of paths
+            for i, item in enumerate(value):
+                if isinstance(item, str) and not os.path.exists(item):
+                    problems.append(f"{key}[{i}]={item!r} does not exist; point it at an existing "
+                                    f"path, e.g. `dodo submit JOB '{key}=[/path/to/it]'`")
     return problems

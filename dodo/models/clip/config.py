@@ -35,6 +35,15 @@ class ClipConfig:
     mim_mask_ratio: float = 0.6
     mlm_weight: float = 0.0  # masked language modelling on the text tower (0: off)
     mlm_prob: float = 0.15
+    # What the run trains (dodo/tasks/__init__.py build_task): contrastive (the weighted sum
+    # above), or a pretext task alone, scored on held-out data: mim (masked image modelling on
+    # the vision tower; L1 on masked patches) or mlm (masked language modelling on the text
+    # tower; accuracy). mim / mlm ignore the *_weight keys.
+    objective: Literal["contrastive", "mim", "mlm"] = "contrastive"
+    # Earlier runs (run directories) whose adapters this run starts from, frozen: each run's
+    # model.adapter is injected first and loaded from its newest checkpoint; then this run's
+    # own model.adapter is added on top and trained (masked adapters: docs/methods.md).
+    init_adapters: list[str] = field(default_factory=list, metadata=MUST_EXIST)
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads",

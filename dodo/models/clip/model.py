@@ -75,13 +75,18 @@ class ClipDualEncoder(nn.Module):
                 raise ValueError("model.adapter.film.condition=image would make the text tower depend on "
                                  "the image, which a dual encoder cannot do; use condition: task")
             self.film_condition = FiLMCondition(cfg.adapter.film.task_dim, cfg.adapter.film.num_tasks)
+        self.init_adapters: dict[str, list[str]] = {}
+        if c.init_adapters:  # frozen adapters of earlier runs first (masked adapters' transfer)
+            from dodo.adapters.transfer import start_from_runs
+            self.init_adapters = start_from_runs(
+                self, c.init_adapters, cfg, lambda a: inject(self.clip, clip_block_specs(self.clip), a))
         self.adapted_modules = inject(self.clip, clip_block_specs(self.clip), cfg.adapter, self.film_condition)
         vision = self.clip.config.vision_config
         self.patch = vision.patch_size
-        if c.mim_weight > 0:  # light decoder: patch token -> its pixels
+        if c.mim_weight > 0 or c.objective == "mim":  # light decoder: patch token -> its pixels
             self.mim_decoder = nn.Linear(vision.hidden_size, vision.patch_size ** 2 * 3)
             self.mask_embedding = nn.Parameter(torch.zeros(3, 1, 1))
-        if c.mlm_weight > 0:
+        if c.mlm_weight > 0 or c.objective == "mlm":
             self.mlm_head = nn.Linear(self.clip.config.text_config.hidden_size, self.vocab_size)
 
     def _task(self, batch: int, device: torch.device) -> None:
@@ -100,6 +105,10 @@ class ClipDualEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         c, loss = self.cfg, images.new_zeros(())
+        if c.objective == "mim":  # a pretext task alone (dodo/tasks/masked.py)
+            return self.mim(images)[0]
+        if c.objective == "mlm":
+            return self.mlm(input_ids, attention_mask)[0]
         if c.contrastive_weight > 0:
             img, txt = self.encode_image(images), self.encode_text(input_ids, attention_mask)
             if c.loss == "infonce":
