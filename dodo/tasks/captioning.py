@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from dodo.config.schema import JobConfig
+from dodo.data import build_datasets
 from dodo.data.collate import CaptionCollator
-from dodo.data.synthetic import SyntheticShapes
 from dodo.data.tokenizer import load_tokenizer
 from dodo.eval.captioning import caption_loss, greedy_captions
 from dodo.models import build_model
@@ -20,8 +20,7 @@ class CaptioningTask(Task):
         self.model = build_model(cfg.model, vocab_size=len(self.tokenizer),
                                  eos_token_id=self.tokenizer.eos_token_id)
         d = cfg.data
-        self.train_set = SyntheticShapes("train", d.num_train, d.image_size, d.seed)
-        self.eval_set = SyntheticShapes("eval", d.num_eval, d.image_size, d.seed)
+        self.train_set, self.eval_set = build_datasets(d)
         self.collate = CaptionCollator(self.tokenizer, d.max_caption_tokens)
 
     def evaluate(self, model: nn.Module, batch_size: int, rank: int, world_size: int) -> dict[str, float]:
