@@ -36,4 +36,13 @@ def build_task(cfg: JobConfig) -> Task:
     if cfg.model.family == "magma":
         from dodo.tasks.captioning import CaptioningTask
         return CaptioningTask(cfg)
+    if cfg.model.family == "clip" and cfg.model.clip.objective != "contrastive":
+        from dodo.tasks.masked import MaskedTask  # mim / mlm pretext (masked adapters)
+        return MaskedTask(cfg)
+    if cfg.model.family == "vlmo":
+        from dodo.tasks.vlmo import VlmoRetrievalTask  # ITC + ITM (+ MLM), ITM re-ranking
+        return VlmoRetrievalTask(cfg)
+    if cfg.model.family in ("clip", "vlmo"):
+        from dodo.tasks.contrastive import ContrastiveTask
+        return ContrastiveTask(cfg)
     raise ValueError(f"no task for model.family={cfg.model.family!r}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from dodo.config.errors import check
 
 
@@ -14,16 +13,21 @@ class VlmoConfig:
     hidden: int = 64
     layers: int = 4
     heads: int = 4
-    vl_layers: int = 1  # the top layers route every token to the VL expert (base: 2 of 12)
+    # Blocks vlffn_start.. (0-based) have a vision-language FFN expert that takes every token of
+    # an image-text input (base: 10 of 12; large: 21 of 24); = layers: no VL expert (the
+    # fusion encoder keeps routing by modality throughout).
+    vlffn_start: int = 3
     mlp_ratio: int = 4
-    max_text_len: int = 32
-    layer_scale_init: float = 0.1
-    init_temperature: float = 0.07
+    max_text_len: int = 32  # caption tokens, without the text [CLS] the model prepends
+    layer_scale_init: float = 0.1  # LayerScale gamma of both residual branches
+    dropout: float = 0.0
+    init_temperature: float = 0.07  # ITC: learnable, logit scale = log(1 / T)
     contrastive_weight: float = 1.0  # ITC (dual encoder)
-    itm_weight: float = 1.0  # ITM with hard negatives (fusion encoder)
-    mlm_weight: float = 0.0  # MLM on the fused image-text input
+    itm_weight: float = 1.0  # ITM with hard negatives from the ITC similarities (fusion encoder)
+    mlm_weight: float = 0.0  # MLM on the fused image-text input (0: off)
     mlm_prob: float = 0.15
-    frozen: bool = False  # freeze the multiway transformer and train adapters only
+    rerank_k: int = 8  # evaluation: re-rank each query's ITC top-k by the ITM score (0: off)
+    frozen: bool = False  # freeze the multiway transformer and train adapters (+ heads) only
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "hidden", "layers", "heads", "mlp_ratio", "max_text_len"):
@@ -31,8 +35,14 @@ class VlmoConfig:
         check(self.hidden % self.heads == 0, "hidden", f"must be divisible by heads={self.heads}")
         check(self.image_size % self.patch_size == 0, "patch_size",
               f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
-        check(0 <= self.vl_layers <= self.layers, "vl_layers",
-              f"must be in [0, layers={self.layers}], got {self.vl_layers}")
+        check(0 <= self.vlffn_start <= self.layers, "vlffn_start",
+              f"must be in [0, layers={self.layers}] (= layers: no VL expert), got {self.vlffn_start}")
+        check(self.layer_scale_init > 0, "layer_scale_init", f"must be > 0, got {self.layer_scale_init}")
+        check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.init_temperature > 0, "init_temperature", f"must be > 0, got {self.init_temperature}")
         for name in ("contrastive_weight", "itm_weight", "mlm_weight"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(self.contrastive_weight + self.itm_weight + self.mlm_weight > 0, "contrastive_weight",
+              "all loss weights are 0: set contrastive_weight, itm_weight or mlm_weight")
         check(0 < self.mlm_prob < 1, "mlm_prob", f"must be in (0, 1), got {self.mlm_prob}")
+        check(self.rerank_k >= 0, "rerank_k", f"must be >= 0, got {self.rerank_k}")
