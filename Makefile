@@ -22,7 +22,13 @@ $(STAMP): setup.cfg pyproject.toml hpc/install-system-deps.sh
 demo: install
 	$(BIN)/dodo submit jobs/demo.yaml
 
+# The Slurm tests run against a real two-node Slurm on this machine (needs root; it stays up
+# afterwards, `bash hpc/testcluster/slurm-testcluster.sh stop` stops it). Where it cannot start
+# they are skipped with the reason, except under CI=true, where that fails the run.
 test: install
+	@bash hpc/testcluster/slurm-testcluster.sh start || { \
+	  if [ "$${CI:-}" = true ]; then echo "dodo: the test Slurm cluster did not start (CI=true: a failure)" >&2; exit 1; fi; \
+	  echo "dodo: the test Slurm cluster did not start; the Slurm tests will be skipped" >&2; }
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 clean:

@@ -25,8 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="submit a job file (or resume a run directory)")
     s.add_argument("job", help="jobs/<name>.yaml, or an existing run directory to resume")
     s.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=50")
-    s.add_argument("--cluster", choices=["auto", "local", "slurm", "lsf"], default=None,
-                   help="scheduler backend (default: cluster.backend of the job, auto-detected)")
+    s.add_argument("--cluster", default=None, metavar="PROFILE",
+                   help="cluster profile from hpc/clusters/ (local, slurm, summit, ...; it beats the "
+                        "job's cluster keys), or auto (default: the job's cluster section)")
     s.add_argument("--dry-run", action="store_true", help="print the resolved config and launch plan only")
     s.add_argument("--detach", action="store_true", help="local backend: return instead of streaming")
 
@@ -44,19 +45,83 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cancel", help="stop a run for good")
     c.add_argument("run")
+
+    sw = sub.add_parser("sweep", help="submit a grid of overrides as one job array, one run per point")
+    sw.add_argument("job", help="jobs/<name>.yaml")
+    sw.add_argument("overrides", nargs="*", help="key.path=value overrides shared by every point")
+    sw.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                    help="e.g. --grid train.lr=1e-4,3e-4 train.seed=0,1 (the product of all)")
+    sw.add_argument("--cluster", default=None, metavar="PROFILE", help="as for submit")
+    sw.add_argument("--dry-run", action="store_true", help="print the points and the script only")
+
+    tb = sub.add_parser("table", help="a sweep's final metrics as markdown (and table.csv)")
+    tb.add_argument("sweep", help="runs/<name>/sweep_<id>")
+
+    _data_parser(sub)
+
+    ev = sub.add_parser("eval", help="evaluate a trained run (retrieval, zero-shot, kNN, WiSE curve)")
+    ev.add_argument("run", help="a run directory with a checkpoint")
+    ev.add_argument("--task", default="all", choices=["retrieval", "zeroshot", "knn", "wise", "all"])
     return p
+
+
+def _data_parser(sub) -> None:
+    """`dodo data cache | verify`: build and check HDF5 / zarr shard caches (docs/data.md)."""
+    d = sub.add_parser("data", help="build or check a data cache (HDF5 / zarr shards)")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("cache", help="cache an image-caption source as shards + manifest (resumable)")
+    dc.add_argument("src", help="tars (file, folder or glob) | COCO captions JSON | CC3M TSV | "
+                                "captions CSV/TSV/JSONL | synthetic split (train/eval)")
+    dc.add_argument("--from", dest="source", required=True,
+                    choices=["webdataset", "coco", "cc3m", "folder", "synthetic"])
+    dc.add_argument("--out", required=True, help="cache folder to write (or finish)")
+    dc.add_argument("--store", choices=["hdf5", "zarr"], default="hdf5")
+    dc.add_argument("--encode", choices=["jpeg", "raw"], default="jpeg",
+                    help="jpeg: re-encoded bytes (small); raw: uint8 arrays (fast, large)")
+    dc.add_argument("--image-size", type=int, default=256, help="square side in px; 0 keeps the size (jpeg)")
+    dc.add_argument("--resize", choices=["center-crop", "pad", "stretch"], default="center-crop")
+    dc.add_argument("--samples-per-shard", type=int, default=5000)
+    dc.add_argument("--workers", type=int, default=1, help="worker processes")
+    dc.add_argument("--images", help="image folder (coco, cc3m, folder); see docs/data.md for defaults")
+    dc.add_argument("--num", type=int, default=0, help="synthetic: number of samples")
+    dc.add_argument("--seed", type=int, default=1234, help="synthetic: generator seed")
+    dc.add_argument("--tokenizer", default="", help="also store captions pre-tokenised with this tokenizer")
+    dv = dsub.add_parser("verify", help="check every shard of a cache against its manifest checksums")
+    dv.add_argument("cache")
+    up = sub.add_parser("upcycle", help="start a new MoE run from a trained dense-adapter run (sparse upcycling)")
+    up.add_argument("run", help="the dense run directory (its latest checkpoint is used)")
+    up.add_argument("--experts", type=int, required=True, help="experts per MoE adapter (model.moe.num_experts)")
+    up.add_argument("--top-k", type=int, default=None, help="model.moe.top_k (default: the config's, 2)")
+    up.add_argument("--noise", type=float, default=0.0,
+                    help="expert = dense + noise * std(weight) * N(0, 1) (model.moe.upcycle_noise)")
+    up.add_argument("overrides", nargs="*", help="key.path=value overrides for the new run, e.g. model.moe.ep_size=2")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"submit": cmd_submit, "run": cmd_run, "status": cmd_status, "logs": cmd_logs,
-                "cancel": cmd_cancel}[args.command](args)
+                "cancel": cmd_cancel, "data": cmd_data, "eval": cmd_eval,
+                "sweep": cmd_sweep, "table": cmd_table, "upcycle": cmd_upcycle}[args.command](args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"dodo: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from dodo.moe.upcycle import create_upcycled_run
+
+    if args.experts < 1:
+        raise ConfigError(f"--experts must be >= 1, got {args.experts}")
+    try:
+        path = create_upcycled_run(args.run, args.experts, args.top_k, args.noise, args.overrides)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(f"dodo: upcycled {args.run} into {args.experts} experts per MoE adapter\n  new run directory {path}\n"
+          f"  start it with: dodo submit {path}")
+    return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -72,15 +137,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
                               f"{' '.join(args.overrides)} apply only to a job file")
         run = RunDir.open(args.job)
         cfg = load_job(run.config)
+        if args.cluster not in (None, "auto", cfg.cluster.profile):
+            raise ConfigError(f"{args.job} is a run directory of cluster profile "
+                              f"{cfg.cluster.profile or cfg.cluster.backend!r}; its config is fixed, so "
+                              f"--cluster {args.cluster} cannot apply; leave --cluster out")
     else:
-        cfg = load_job(args.job, args.overrides)
-    backend_name = args.cluster or cfg.cluster.backend
+        profile = args.cluster if args.cluster not in (None, "auto") else None
+        cfg = load_job(args.job, args.overrides, cluster_profile=profile)
+    backend_name = cfg.cluster.backend
     if backend_name == "auto":
         backend_name = detect_backend()
     try:
         backend = get_backend(backend_name)
     except BackendError as err:
-        if args.cluster is None and cfg.cluster.backend == "auto":
+        if cfg.cluster.backend == "auto":
             print(f"dodo: {err}; running locally", file=sys.stderr)
             backend = get_backend("local")
         else:
@@ -90,18 +160,34 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _print_dry_run(cfg, backend, dump_config(cfg), missing)
     if missing:
         raise ConfigError(f"{args.job}: {missing[0]}")
+    try:
+        backend.preflight(cfg)  # e.g. sbatch missing: refuse before writing anything
+    except BackendError as err:
+        raise ConfigError(str(err)) from None
     if not resume:
         run = RunDir.create(cfg.runs_dir, cfg.name, dump_config(cfg))
+    else:
+        (run.job / "cancelled").unlink(missing_ok=True)  # resuming a cancelled run: go on
     try:
         record, code = backend.submit(run, cfg, foreground=not args.detach)
     except BackendError as err:
         if not resume:
             run.remove()
+            _remove_empty(run.path.parent, run.path.parent.parent)
         raise ConfigError(str(err)) from None
-    if args.detach:
+    if args.detach or record.backend != "local":
         print(f"dodo: submitted {record.backend} job {record.job_id}\n  run directory {run.path}\n"
               f"  follow it with: dodo logs {run.path} -f")
     return code
+
+
+def _remove_empty(*folders: Path) -> None:
+    """Folders a failed submission created on the way: leave nothing behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _print_dry_run(cfg, backend, config_text: str, missing: list[str]) -> int:
@@ -165,7 +251,88 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     record = JobRecord.load(run)
     if record is None:
         raise FileNotFoundError(f"{run.path} was never submitted (no job/backend.json); nothing to cancel")
+    # Marked first: a rank that checkpoints on the scheduler's TERM must not requeue the run.
+    (run.job / "cancelled").write_text(f"{time.time()}\n")
     get_backend(record.backend).cancel(record)
     run.update_status(state="cancelled")
     print(f"dodo: cancelled {record.backend} job {record.job_id} ({run.path})")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from dodo.data.cache import CacheOptions, build_cache
+    from dodo.data.ingest import SourceError
+    from dodo.data.manifest import CacheError, Manifest
+
+    try:
+        if args.data_command == "verify":
+            manifest = Manifest.load(Path(args.cache))
+            manifest.verify(Path(args.cache), "checksum")
+            print(f"dodo: {args.cache}: {len(manifest.shards)} shards, {manifest.num_samples} samples: "
+                  "all checksums match")
+            return 0
+        opts = CacheOptions(source=args.source, src=args.src, out=args.out, store=args.store,
+                            encode=args.encode, image_size=args.image_size, resize=args.resize,
+                            samples_per_shard=args.samples_per_shard, workers=args.workers,
+                            images=args.images, num=args.num, seed=args.seed, tokenizer=args.tokenizer)
+        build_cache(opts)
+        return 0
+    except (SourceError, CacheError) as err:
+        print(f"dodo: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dodo.eval.run import eval_run
+
+    return eval_run(args.run, args.task)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dodo.cluster import sweep as sweeps
+    from dodo.cluster.backend import BackendError, detect_backend, get_backend
+    from dodo.config.loader import load_job
+
+    profile = args.cluster if args.cluster not in (None, "auto") else None
+    points = sweeps.expand(sweeps.parse_grid(args.grid))
+    first = load_job(args.job, [*args.overrides, *points[0].overrides], cluster_profile=profile)
+    name = detect_backend() if first.cluster.backend == "auto" else first.cluster.backend
+    try:
+        backend = get_backend(name)
+        if args.dry_run:
+            print(f"# {len(points)} points\n" + "\n".join(f"  {p.label}" for p in points))
+            print(f"# launch plan of point {points[0].dir} ({backend.name} backend; one array for all)\n"
+                  + backend.launch_plan(first, f"{first.runs_dir}/{first.name}/sweep_<id>/{points[0].dir}"))
+            print("\n# dry run: nothing was submitted or written")
+            return 0
+        backend.preflight(first)
+    except BackendError as err:
+        raise ConfigError(str(err)) from None
+    sweep, configs = sweeps.create(args.job, args.overrides, args.grid, profile)
+    runs = sweep.runs()
+    if backend.name == "local":  # no scheduler: the points one after another, in the foreground
+        sweeps.record_submission(sweep, "local", "-")
+        codes = [backend.submit(run, cfg, foreground=True)[1] for run, cfg in zip(runs, configs)]
+        print(sweeps.write_table(sweep))
+        return max(codes)
+    try:
+        records = backend.submit_array(runs, configs[0], sweep.job)
+    except BackendError as err:
+        sweeps.remove(sweep)
+        _remove_empty(sweep.path.parent, sweep.path.parent.parent)
+        raise ConfigError(str(err)) from None
+    job_id = records[0].details.get("array_job", records[0].job_id)
+    sweeps.record_submission(sweep, backend.name, job_id)
+    print(f"dodo: submitted {backend.name} job array {job_id} with {len(runs)} points\n"
+          f"  sweep {sweep.path}\n  watch it with: dodo status {sweep.path}\n"
+          f"  collate it with: dodo table {sweep.path}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from dodo.cluster.sweep import Sweep, write_table
+
+    sweep = Sweep.open(args.sweep)
+    print(write_table(sweep), end="")
+    print(f"(also written to {sweep.path}/table.md and table.csv)")
     return 0

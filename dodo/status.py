@@ -8,7 +8,7 @@ from pathlib import Path
 from dodo.rundir import RunDir
 from dodo.train.metrics import format_duration
 
-ACTIVE = ("created", "running")
+ACTIVE = ("created", "queued", "running", "requeued")
 
 
 def run_is_active(run: RunDir) -> bool:
@@ -23,9 +23,17 @@ def run_is_active(run: RunDir) -> bool:
 
 def effective_state(run: RunDir) -> str:
     """The recorded state, corrected when the processes behind a 'running' run are gone."""
+    from dodo.cluster.backend import JobRecord, get_backend
+
+    if (run.job / "cancelled").exists():  # dodo cancel; ranks may still write "stopped" after it
+        return "cancelled"
     state = run.status().get("state", "unknown")
     if state in ACTIVE and not run_is_active(run):
-        return "failed (processes gone)" if state == "running" else "never started"
+        record = JobRecord.load(run)
+        said = get_backend(record.backend).scheduler_state(record) if record else None
+        why = f" ({record.backend}: {said})" if said and said != "GONE" else ""
+        label = {"running": "failed (processes gone)", "requeued": "failed after a requeue"}
+        return label.get(state, "never started") + why
     return state
 
 
@@ -33,8 +41,14 @@ def find_runs(runs_dir: Path) -> list[RunDir]:
     return [RunDir(p.parent) for p in sorted(runs_dir.glob("*/*/config.yaml"))]
 
 
+def find_sweeps(runs_dir: Path) -> list[Path]:
+    """Sweep folders (dodo sweep): runs/<name>/sweep_<id>/ with sweep.json and one run per point."""
+    return [p.parent for p in sorted(runs_dir.glob("*/*/sweep.json"))]
+
+
 def status_row(run: RunDir) -> list[str]:
     from dodo.cluster.backend import JobRecord
+    from dodo.cluster.continuation import requeue_log
 
     s = run.status()
     record = JobRecord.load(run)
@@ -44,17 +58,31 @@ def status_row(run: RunDir) -> list[str]:
     return [f"{run.path.parent.name}/{run.path.name}", record.backend if record else "-",
             record.job_id if record else "-", effective_state(run),
             f"{s.get('step', 0)}/{total}" if total else "-",
-            f"{loss:.4f}" if isinstance(loss, float) else "-", format_duration(elapsed)]
+            f"{loss:.4f}" if isinstance(loss, float) else "-", str(len(requeue_log(run))),
+            format_duration(elapsed)]
 
 
 def print_status(run_path: str | None, runs_dir: str) -> int:
-    runs = [RunDir.open(run_path)] if run_path else find_runs(Path(runs_dir))
-    if not runs:
+    from dodo.cluster.sweep import Sweep
+
+    if run_path and (Path(run_path) / "sweep.json").is_file():
+        runs, sweeps = [], [Sweep.open(run_path)]
+    elif run_path:
+        runs, sweeps = [RunDir.open(run_path)], []
+    else:
+        runs, sweeps = find_runs(Path(runs_dir)), [Sweep.open(p) for p in find_sweeps(Path(runs_dir))]
+    if not runs and not sweeps:
         print(f"no runs under {runs_dir}/ (submit one with `dodo submit jobs/demo.yaml`)")
         return 0
-    header = ["run", "backend", "job id", "state", "step", "last loss", "elapsed"]
-    rows = [header] + [status_row(r) for r in runs]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    header = ["run", "backend", "job id", "state", "step", "last loss", "requeues", "elapsed"]
+    rows: list[list[str] | str] = [header] + [status_row(r) for r in runs]
+    for sweep in sweeps:  # a title line, then one indented row per point
+        rows.append(sweep.title())
+        for point, run in zip(sweep.points, sweep.runs()):
+            row = status_row(run)
+            rows.append([f"  {point.label}"] + row[1:])
+    table = [r for r in rows if isinstance(r, list)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print(row if isinstance(row, str) else "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     return 0

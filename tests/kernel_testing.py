@@ -15,8 +15,7 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of the triton_* modules
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET=1 on CPU is set by conftest.py, before any test module imports triton.
 
 triton = pytest.importorskip("triton")
 

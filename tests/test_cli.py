@@ -26,7 +26,7 @@ def tree(path: Path) -> list[str]:
     (["jobs/demo.yaml", "model.adapter.dropout=1.5"], "model.adapter.dropout=1.5: must be in [0, 1)"),
     (["jobs/demo.yaml", "train.steps=abc"], "train.steps must be an integer"),
     (["jobs/demo.yaml", "train.steps"], "key.path=value"),
-    (["jobs/demo.yaml", "--cluster", "lsf"], "the lsf backend"),
+    (["jobs/demo.yaml", "--cluster", "lsf"], "unknown cluster profile 'lsf'"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(workdir: Path, args, expected):
     before = tree(workdir)

@@ -251,7 +251,8 @@ def test_unknown_key_in_fragment_names_the_fragment(root: Path) -> None:
     ("model: {adapter: {locations: mlp}}\n", "model.adapter.locations must be a list, got 'mlp' (str); write it as [mlp]"),
     ("train: 5\n", "train must be a mapping of settings, got 5 (int)"),
     ("model: {adapter: {kind: bottelneck}}\n",
-     "model.adapter.kind must be one of (none, bottleneck), got 'bottelneck' (str); did you mean 'bottleneck'?"),
+     "model.adapter.kind must be one of (none, bottleneck, lora, prefix, mam, film, r_adapter), got 'bottelneck' "
+     "(str); did you mean 'bottleneck'?"),
     ("model: {adapter: {locations: [mlp, mpl]}}\n",
      "model.adapter.locations[1] must be one of (attention, mlp), got 'mpl' (str)"),
 ])

@@ -1,4 +1,4 @@
-"""The scheduler interface: one small class per backend (local now; Slurm and LSF next).
+"""The scheduler interface: one small class per backend (local, slurm, lsf).
 
 A backend renders a launch plan (pure, for --dry-run and the run's job/ folder), submits a
 run directory, and answers liveness and cancel for what it submitted. The record it returns
@@ -49,6 +49,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def cancel(self, record: JobRecord) -> None: ...
 
+    def preflight(self, cfg: JobConfig) -> None:
+        """Raise BackendError when this machine cannot submit at all (before anything is written)."""
+
+    def scheduler_state(self, record: JobRecord) -> str | None:
+        """The scheduler's own word on the job (e.g. Slurm's TIMEOUT), for `dodo status`."""
+        return None
+
 
 class BackendError(Exception):
     """A submission the backend could not make; the message says what to change."""
@@ -65,9 +72,11 @@ def detect_backend() -> str:
 
 def get_backend(name: str) -> Backend:
     from dodo.cluster.local import LocalBackend
+    from dodo.cluster.lsf import LsfBackend
+    from dodo.cluster.slurm import SlurmBackend
 
-    backends: dict[str, type[Backend]] = {"local": LocalBackend}
+    backends: dict[str, type[Backend]] = {"local": LocalBackend, "slurm": SlurmBackend, "lsf": LsfBackend}
     if name not in backends:
-        raise BackendError(f"the {name} backend is not part of this version of dodo yet; "
-                           "run with --cluster local (cluster.backend=local)")
+        raise BackendError(f"no scheduler backend {name!r}; use one of {', '.join(backends)} "
+                           "(cluster.backend)")
     return backends[name]()

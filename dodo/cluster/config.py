@@ -1,8 +1,14 @@
-"""Where a job runs. The scheduler issue adds Slurm/LSF profiles from hpc/clusters/."""
+"""Where a job runs: the scheduler, the allocation's shape, and the site's rules.
+
+A job names a cluster profile (`cluster: summit`, a file in hpc/clusters/, see
+dodo/cluster/profiles.py) and may override any field. Fields split into what the job asks
+for (nodes, ranks per node, time, requeues) and what the site is (GPUs and cores a node has,
+whether an account is required, module lines); the checks below compare the two.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from dodo.config.errors import check
@@ -10,20 +16,69 @@ from dodo.config.errors import check
 
 @dataclass
 class ClusterConfig:
+    profile: str = ""  # the hpc/clusters/<profile>.yaml this section was built on ("" none)
     backend: Literal["auto", "local", "slurm", "lsf"] = "auto"
+    # -- the allocation the job asks for
     nodes: int = 1
     tasks_per_node: int = 2  # ranks per node (one per GPU on a cluster, per process locally)
     threads_per_task: int = 1  # OMP/torch threads per rank
+    cpus_per_task: int = 0  # cores reserved per rank (sbatch --cpus-per-task, jsrun -c); 0: threads_per_task
+    gpus_per_task: int = 0  # GPUs per rank (jsrun -g; Slurm gets tasks_per_node * this per node)
     time_limit_min: int = 60
-    max_requeues: int = 10
+    signal_lead_s: int = 90  # the warning signal (USR2) comes this long before the time limit
+    max_requeues: int = 10  # continuations per submission: warning -> checkpoint -> requeue
+    array_parallel: int = 0  # sweeps: at most this many points at once (0: as many as fit)
+    # -- what a node of the site has (0: not stated, not checked)
+    gpus_per_node: int = 0
+    cpus_per_node: int = 0
+    # -- Slurm
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    memory: str = ""  # per node, as sbatch --mem takes it: 64G
+    # -- LSF
+    project: str = ""  # bsub -P
+    queue: str = ""  # bsub -q
+    alloc_flags: str = ""  # bsub -alloc_flags, e.g. "gpumps smt4"
+    lsf_continuation: Literal["chain", "requeue"] = "chain"  # see docs/clusters.md
+    # -- both
+    requires_account: bool = False  # the site refuses jobs without account (Slurm) / project (LSF)
+    setup: list[str] = field(default_factory=list)  # shell lines run first: module load ..., export ...
+    directives: list[str] = field(default_factory=list)  # extra sbatch/bsub options, e.g. "--exclusive"
+    python: str = ""  # the interpreter on the compute nodes; "": the one that runs `dodo submit`
 
     def __post_init__(self) -> None:
-        check(self.nodes > 0, "nodes", f"must be > 0, got {self.nodes}")
-        check(self.tasks_per_node > 0, "tasks_per_node", f"must be > 0, got {self.tasks_per_node}")
-        check(self.threads_per_task > 0, "threads_per_task", f"must be > 0, got {self.threads_per_task}")
-        check(self.time_limit_min > 0, "time_limit_min", f"must be > 0, got {self.time_limit_min}")
-        check(self.max_requeues >= 0, "max_requeues", f"must be >= 0, got {self.max_requeues}")
+        for name in ("nodes", "tasks_per_node", "threads_per_task", "time_limit_min"):
+            check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("cpus_per_task", "gpus_per_task", "signal_lead_s", "max_requeues", "array_parallel",
+                     "gpus_per_node", "cpus_per_node"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(self.signal_lead_s < self.time_limit_min * 60, "signal_lead_s",
+              f"must be shorter than the time limit (cluster.time_limit_min={self.time_limit_min} min); "
+              f"lower it or raise the time limit")
+        where = f" of profile {self.profile!r}" if self.profile else ""
+        gpus = self.tasks_per_node * self.gpus_per_task
+        check(not self.gpus_per_node or gpus <= self.gpus_per_node, "tasks_per_node",
+              f"asks for {self.tasks_per_node} ranks x {self.gpus_per_task} GPUs = {gpus} GPUs per node, "
+              f"but a node{where} has {self.gpus_per_node}; lower cluster.tasks_per_node or "
+              f"cluster.gpus_per_task, or raise cluster.nodes")
+        cpus = self.tasks_per_node * self.cores_per_task
+        check(not self.cpus_per_node or cpus <= self.cpus_per_node, "tasks_per_node",
+              f"asks for {self.tasks_per_node} ranks x {self.cores_per_task} cores = {cpus} cores per node, "
+              f"but a node{where} has {self.cpus_per_node}; lower cluster.tasks_per_node or "
+              f"cluster.cpus_per_task, or raise cluster.nodes")
+        if self.requires_account and self.backend == "slurm":
+            check(bool(self.account), "account", f"is required by the site{where}; set it to your "
+                  "allocation, e.g. cluster.account=abc123 (`sacctmgr show assoc user=$USER` lists yours)")
+        if self.requires_account and self.backend == "lsf":
+            check(bool(self.project), "project", f"is required by the site{where}; set it to your "
+                  "allocation, e.g. cluster.project=ABC123")
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.tasks_per_node
+
+    @property
+    def cores_per_task(self) -> int:
+        return self.cpus_per_task or self.threads_per_task

@@ -35,8 +35,14 @@ _NO_VALUE = object()
 
 
 def load_job(job_path: str | os.PathLike, overrides: Sequence[str] = (),
-             configs_dir: str | os.PathLike | None = None) -> JobConfig:
-    """Compose the job file with its fragments and ``key.path=value`` overrides; validate it."""
+             configs_dir: str | os.PathLike | None = None, cluster_profile: str | None = None) -> JobConfig:
+    """Compose the job file with its fragments and ``key.path=value`` overrides; validate it.
+
+    The cluster profile the job names (or ``cluster_profile``, from ``--cluster``, or a
+    ``cluster.profile=NAME`` override) is merged in before the overrides: dodo/cluster/profiles.py.
+    """
+    from dodo.cluster import profiles
+
     path = Path(job_path)
     if not path.is_file():
         raise ConfigError(_missing_job_message(path, str(job_path)))
@@ -44,8 +50,14 @@ def load_job(job_path: str | os.PathLike, overrides: Sequence[str] = (),
     sources: dict[str, str] = {}
     # Show the job path as the user typed it, so the message matches their command line.
     _compose(path, str(job_path), _find_configs_dir(path, configs_dir), tree, sources, chain=())
-    for text in overrides:
-        key, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides]
+    for key, value in parsed:
+        if key in ("cluster", "cluster.profile") and isinstance(value, str):
+            cluster_profile = value
+    profiles.apply(tree, sources, cluster_profile)
+    for key, value in parsed:
+        if key in ("cluster", "cluster.profile") and isinstance(value, str):
+            continue
         _check_override_key(key)
         for part in reversed(key.split(".")):
             value = {part: value}

@@ -8,6 +8,7 @@ from dodo.cluster.config import ClusterConfig
 from dodo.config.errors import check
 from dodo.data.config import DataConfig
 from dodo.distributed.config import DeepSpeedConfig
+from dodo.eval.config import EvalConfig
 from dodo.models.config import ModelConfig
 from dodo.train.config import TrainConfig
 
@@ -21,7 +22,19 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # retrieval, zero-shot, kNN, WiSE, OOD split
 
     def __post_init__(self) -> None:
         check(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), "name",
               f"must be a non-empty name of letters, digits, '-', '_' or '.', got {self.name!r}")
+        moe, world = self.model.moe, self.cluster.world_size
+        if moe.enabled:
+            check(self.deepspeed.zero_stage != 3, "deepspeed.zero_stage",
+                  f"is 3 with model.moe.num_experts={moe.num_experts}, but DeepSpeed does not support MoE "
+                  "with ZeRO stage 3 (\"MoE not supported with Stage 3\"); set deepspeed.zero_stage to 1 "
+                  "or 2, or model.moe.num_experts=0 for dense adapters")
+            check(world % moe.ep_size == 0, "model.moe.ep_size",
+                  f"must divide the world size {world}, got {moe.ep_size} "
+                  f"(cluster.nodes={self.cluster.nodes} x cluster.tasks_per_node={self.cluster.tasks_per_node}); "
+                  f"set model.moe.ep_size to one of "
+                  f"{', '.join(str(d) for d in range(1, world + 1) if world % d == 0 and moe.num_experts % d == 0)}")

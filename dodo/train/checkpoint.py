@@ -111,6 +111,13 @@ def load(engine, ckpt: CheckpointInfo) -> dict[str, Any]:
     """Restore trainable weights, optimizer, LR schedule and this rank's RNG; returns client state."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if ckpt.world_size != world and getattr(engine, "has_moe_layers", False):
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} of this MoE run was written by {ckpt.world_size} ranks but this run "
+            f"has {world}; resume with {ckpt.world_size} ranks. Expert weights are stored per expert, but "
+            "ZeRO partitions each expert's optimizer state over its expert-data-parallel group (world "
+            "size / model.moe.ep_size ranks) and DeepSpeed's universal checkpoint conversion does not "
+            "cover MoE experts, so the optimizer state cannot be re-split")
     if ckpt.world_size != world:
         raise CheckpointError(
             f"checkpoint {ckpt.path} was written by {ckpt.world_size} ranks but this run has {world}; "

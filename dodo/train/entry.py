@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from dodo.cluster.env import discover
@@ -11,6 +12,11 @@ from dodo.rundir import RunDir
 
 
 def run_rank(run_dir: str) -> int:
+    # A scheduler's warning (USR2) or preemption (TERM) may come while torch and DeepSpeed are
+    # still importing, before the Trainer's own handlers exist: keep it instead of dying of it.
+    early: list[int] = []
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: early.append(signum))
     run = RunDir.open(run_dir)
     cfg = load_job(run.config)
     env = discover()
@@ -19,6 +25,8 @@ def run_rank(run_dir: str) -> int:
     from dodo.train.loop import Trainer  # heavy imports (torch, DeepSpeed) after the cheap checks
 
     trainer = Trainer(cfg, run, env)
+    if early and trainer.stop.reason is None:
+        trainer.stop.reason = f"{signal.Signals(early[0]).name} received while starting"
     try:
         return trainer.fit()
     finally:

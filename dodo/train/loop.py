@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -59,7 +60,8 @@ class Trainer:
     def _sampler(self, start_step: int) -> GlobalBatchSampler:
         return GlobalBatchSampler(len(self.task.train_set), self.global_batch, self.rank, self.world,
                                   seed=self.cfg.data.seed, start_step=start_step,
-                                  max_steps=self.cfg.train.steps)
+                                  max_steps=self.cfg.train.steps, block=self.cfg.data.shuffle_block,
+                                  window=self.cfg.data.shuffle_window)
 
     def _loader(self) -> torch.utils.data.DataLoader:
         # A private generator: the DataLoader draws its worker base seed from it, not from the
@@ -100,9 +102,10 @@ class Trainer:
             window, window_steps = window + loss, window_steps + 1
             if self.step % t.log_every == 0 or self.step == t.steps:
                 mean_loss = self._all_mean(window / window_steps)
+                step_metrics = self._step_metrics()
                 lr = self.scheduler.get_last_lr()[0]
                 if writer:
-                    writer.write(self.step, **{"train.loss": mean_loss, "train.lr": lr})
+                    writer.write(self.step, **{"train.loss": mean_loss, "train.lr": lr}, **step_metrics)
                     progress.update(self.step, mean_loss, lr)
                     self.run.update_status(step=self.step, last_loss=mean_loss)
                 window, window_steps = 0.0, 0
@@ -133,6 +136,12 @@ class Trainer:
             losses.append(float(loss))
         return sum(losses) / len(losses)
 
+    def _step_metrics(self) -> dict[str, Any]:
+        """The model's own per-step metrics (MoE: expert load, dropped tokens, router entropy,
+        aux losses) since the last log line; collective, so every rank calls it."""
+        hook = getattr(self.engine.module, "step_metrics", None)
+        return hook() if hook is not None else {}
+
     def _all_mean(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t)
@@ -151,14 +160,23 @@ class Trainer:
 
     def _finish(self, writer: MetricsWriter | None, train_seconds: float) -> None:
         final_eval = self._evaluate()
-        if writer is not None:
-            extra, report = self.task.final_report(self.engine.module)
-            writer.write(self.step, **final_eval, **extra)
-            writer.close()
-            write_summary(self.run, self.cfg, self.history["initial_eval"], {**final_eval, **extra}, report,
-                          train_seconds, self.world, self.trainable, self.total_params)
-            self.run.update_status(state="completed", step=self.step)
+        with self._rank0_may_run_alone():
+            if writer is not None:
+                extra, report = self.task.final_report(self.engine.module)
+                writer.write(self.step, **final_eval, **extra)
+                writer.close()
+                write_summary(self.run, self.cfg, self.history["initial_eval"], {**final_eval, **extra}, report,
+                              train_seconds, self.world, self.trainable, self.total_params)
+                self.run.update_status(state="completed", step=self.step)
         dist.barrier()
+
+    def _rank0_may_run_alone(self) -> contextlib.AbstractContextManager:
+        """Collective on entry. Expert parallelism: every rank first hands rank 0 (and itself) a
+        copy of all experts, so rank 0's final report needs no all-to-all with the others."""
+        if getattr(self.engine.module, "moe", None) is None:
+            return contextlib.nullcontext()
+        from dodo.moe.layer import replicated_experts
+        return replicated_experts(self.engine.module)
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -1,0 +1,183 @@
+"""What follows an allocation: done, requeue, stop at the cap, or fail. Runs in the batch shell.
+
+The ranks handle the warning signal themselves (checkpoint at the next step boundary, exit 3,
+dodo/train/loop.py). The batch script then runs, once per allocation:
+
+    python -m dodo.cluster.continuation slurm|lsf RUN_DIR EXIT_CODE
+
+which decides from the launcher's exit code and the run directory (never from sacct, which
+fails where accounting is off) and acts: `scontrol requeue` (Slurm), `brequeue` or a chained
+`bsub -w "ended(<id>)"` (LSF, cluster.lsf_continuation). Requeues are counted in
+job/requeues.jsonl; cluster.max_requeues caps them per submission (`dodo submit RUN` starts
+a new submission), and a run at the cap stops cleanly, saying why and how to go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dodo.cluster.backend import JobRecord
+from dodo.rundir import RunDir
+
+EXIT_STOPPED = 3  # dodo/train/loop.py: checkpointed and stopped on request
+RESUMABLE = (EXIT_STOPPED, 128 + signal.SIGUSR2)  # USR2 before a rank could catch it: nothing lost
+
+
+def requeues_file(run: RunDir) -> Path:
+    return run.job / "requeues.jsonl"
+
+
+def cancel_marker(run: RunDir) -> Path:
+    return run.job / "cancelled"
+
+
+def requeue_log(run: RunDir) -> list[dict]:
+    try:
+        lines = requeues_file(run).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def requeues_this_submission(run: RunDir) -> int:
+    record = JobRecord.load(run)
+    since = record.submitted if record else 0.0
+    return sum(1 for r in requeue_log(run) if r.get("time", 0) >= since)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "done" | "cancelled" | "requeue" | "stop" | "fail"
+    message: str
+
+
+def decide(run: RunDir, code: int, max_requeues: int) -> Decision:
+    """Pure: what the batch shell should do after the launcher exited with `code`."""
+    status = run.status()
+    step, total = status.get("step", 0), status.get("total_steps", "?")
+    if cancel_marker(run).exists():
+        return Decision("cancelled", "the run was cancelled (dodo cancel); not requeued")
+    if status.get("state") == "completed":
+        return Decision("done", f"completed at step {step}/{total}")
+    # "stopped" is written by rank 0 after its checkpoint in this very allocation (it sets
+    # "running" when it starts), so it is trusted even where the launcher's exit code is not.
+    if code in RESUMABLE or status.get("state") == "stopped":
+        done = requeues_this_submission(run)
+        if done >= max_requeues:
+            return Decision("stop", f"stopped at step {step}/{total}: cluster.max_requeues={max_requeues} "
+                            f"reached ({done} requeues in this submission); continue it with "
+                            f"`dodo submit {run.path}`, or raise cluster.max_requeues")
+        reason = status.get("reason") or f"ranks exited with status {code}"
+        return Decision("requeue", f"requeue {done + 1} of at most {max_requeues} at step {step}/{total} "
+                        f"({reason})")
+    if code == 0:
+        return Decision("fail", f"the ranks exited 0 but the run is {status.get('state', 'unknown')!r}, "
+                        "not completed; see the rank logs")
+    return Decision("fail", f"the ranks exited with status {code} at step {step}/{total}; not requeued "
+                    f"(a crash is not a preemption); see {run.logs}/rank_*.log, fix the cause and "
+                    f"continue with `dodo submit {run.path}`")
+
+
+def cluster_settings(run: RunDir) -> dict:
+    """The run's resolved cluster section, read plainly: it was validated at submit, and a
+    schema that changed since must not strand a run between two allocations."""
+    try:
+        data = yaml.safe_load(run.config.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        data = {}
+    section = data.get("cluster") if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    scheduler, run_dir, code_text = (argv if argv is not None else sys.argv[1:])[:3]
+    run = RunDir.open(run_dir)
+    cluster = cluster_settings(run)
+    code = int(code_text)
+    decision = decide(run, code, int(cluster.get("max_requeues", 10)))
+    print(f"dodo: allocation ended (launcher exit {code}): {decision.message}", flush=True)
+    if decision.action == "done":
+        return 0
+    if decision.action == "cancelled":
+        run.update_status(state="cancelled")
+        return 0
+    if decision.action == "stop":
+        run.update_status(state="stopped", reason=decision.message)
+        return EXIT_STOPPED
+    if decision.action == "fail":
+        run.update_status(state="failed", exit_code=code, reason=decision.message)
+        return 1
+    return _requeue(run, cluster, scheduler, decision.message)
+
+
+def _requeue(run: RunDir, cluster: dict, scheduler: str, message: str) -> int:
+    job_id = _current_job_id(scheduler)
+    entry = {"time": time.time(), "job_id": job_id, "step": run.status().get("step", 0),
+             "reason": run.status().get("reason", ""), "scheduler": scheduler}
+    # Record first: `scontrol requeue` / `brequeue` end this very shell.
+    with open(requeues_file(run), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    total = len(requeue_log(run))
+    run.update_status(state="requeued", requeues=total, reason=message)
+    if scheduler == "slurm":
+        cmd = ["scontrol", "requeue", job_id]
+    elif cluster.get("lsf_continuation") == "requeue":
+        cmd = ["brequeue", job_id]
+    else:
+        return _chain_lsf(run, job_id)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0:
+        time.sleep(30)  # the scheduler ends this allocation now; don't let the shell report first
+        return 0
+    return _requeue_failed(run, " ".join(cmd), proc)
+
+
+def _chain_lsf(run: RunDir, job_id: str) -> int:
+    """A follow-up job that starts when this one has ended: `bsub -w "ended(<id>)" < lsf.bsub`."""
+    script = run.job / "lsf.bsub"
+    with open(script) as stdin:
+        proc = subprocess.run(["bsub", "-w", f"ended({job_id})"], stdin=stdin, capture_output=True,
+                              text=True)
+    found = re.search(r"Job <(\d+)>", proc.stdout)
+    if proc.returncode != 0 or not found:
+        return _requeue_failed(run, f'bsub -w "ended({job_id})" < {script}', proc)
+    record = JobRecord.load(run)
+    if record is not None:
+        chain = record.details.setdefault("chain", [record.job_id])
+        chain.append(found[1])
+        record.job_id = found[1]
+        record.save(run)
+    run.update_status(job_id=found[1])
+    print(f"dodo: follow-up job {found[1]} waits for job {job_id} to end", flush=True)
+    return 0
+
+
+def _requeue_failed(run: RunDir, command: str, proc: subprocess.CompletedProcess) -> int:
+    said = (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
+    message = (f"`{command}` failed: {said}; the checkpoint is kept: continue with "
+               f"`dodo submit {run.path}`")
+    print(f"dodo: {message}", file=sys.stderr, flush=True)
+    run.update_status(state="stopped", reason=message)
+    return EXIT_STOPPED
+
+
+def _current_job_id(scheduler: str) -> str:
+    env = os.environ
+    if scheduler == "slurm":
+        return env.get("SLURM_JOB_ID", "")  # an array task's own id: requeues only that task
+    index = env.get("LSB_JOBINDEX", "0")
+    return f"{env['LSB_JOBID']}[{index}]" if index not in ("", "0") else env.get("LSB_JOBID", "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
