@@ -1,4 +1,4 @@
-"""dodo's command line: submit | run | status | logs | cancel.
+"""dodo's command line: submit | run | status | logs | cancel | sweep | table | data | eval | upcycle.
 
 Expected failures (bad job, bad run directory, refused submission) print one `dodo: error:`
 line and exit 2 (1 for a run that failed); only real bugs show a traceback.
@@ -62,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a trained run (retrieval, zero-shot, kNN, WiSE curve)")
     ev.add_argument("run", help="a run directory with a checkpoint")
     ev.add_argument("--task", default="all", choices=["retrieval", "zeroshot", "knn", "wise", "all"])
+
+    up = sub.add_parser("upcycle", help="start a new MoE run from a trained dense-adapter run (sparse upcycling)")
+    up.add_argument("run", help="the dense run directory (its latest checkpoint is used)")
+    up.add_argument("--experts", type=int, required=True, help="experts per MoE adapter (model.moe.num_experts)")
+    up.add_argument("--top-k", type=int, default=None, help="model.moe.top_k (default: the config's, 2)")
+    up.add_argument("--noise", type=float, default=0.0,
+                    help="expert = dense + noise * std(weight) * N(0, 1) (model.moe.upcycle_noise)")
+    up.add_argument("overrides", nargs="*", help="key.path=value overrides for the new run, e.g. model.moe.ep_size=2")
+
     return p
 
 
@@ -88,13 +97,6 @@ def _data_parser(sub) -> None:
     dc.add_argument("--tokenizer", default="", help="also store captions pre-tokenised with this tokenizer")
     dv = dsub.add_parser("verify", help="check every shard of a cache against its manifest checksums")
     dv.add_argument("cache")
-    up = sub.add_parser("upcycle", help="start a new MoE run from a trained dense-adapter run (sparse upcycling)")
-    up.add_argument("run", help="the dense run directory (its latest checkpoint is used)")
-    up.add_argument("--experts", type=int, required=True, help="experts per MoE adapter (model.moe.num_experts)")
-    up.add_argument("--top-k", type=int, default=None, help="model.moe.top_k (default: the config's, 2)")
-    up.add_argument("--noise", type=float, default=0.0,
-                    help="expert = dense + noise * std(weight) * N(0, 1) (model.moe.upcycle_noise)")
-    up.add_argument("overrides", nargs="*", help="key.path=value overrides for the new run, e.g. model.moe.ep_size=2")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

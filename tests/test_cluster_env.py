@@ -301,7 +301,7 @@ def test_expand_hostlist_matches_scontrol(spec: str) -> None:
 # ---- real processes --------------------------------------------------------------------------
 
 WORKER = """
-import dataclasses, json
+import dataclasses, json, sys
 import torch
 import torch.distributed as dist
 from dodo.cluster.env import discover
@@ -311,7 +311,9 @@ env.export()
 dist.init_process_group("gloo")  # env://, from what export() set
 value = torch.tensor([env.rank + 1.0])
 dist.all_reduce(value)
-print("RESULT " + json.dumps(dataclasses.asdict(env) | {"reduced": value.item()}), flush=True)
+# One file per rank: two ranks printing to one pipe can interleave their lines.
+with open(f"{sys.argv[1]}/result_{env.rank}.json", "w") as f:
+    json.dump(dataclasses.asdict(env) | {"reduced": value.item()}, f)
 dist.destroy_process_group()
 """
 
@@ -340,15 +342,14 @@ def test_mpirun_two_ranks_rendezvous(tmp_path: Path) -> None:
             "MASTER_PORT": str(port)}
     cmd = [mpirun, "-np", "2", "--oversubscribe", "--bind-to", "none",
            "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo",
-           sys.executable, str(script)]
+           sys.executable, str(script), str(tmp_path)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"mpirun did not finish in 120 s (a rendezvous hang?):\n{exc.stdout}\n"
                     f"{exc.stderr}")
     assert proc.returncode == 0, f"mpirun failed:\n{proc.stdout}\n{proc.stderr}"
-    results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
-               if line.startswith("RESULT ")]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result_*.json"))]
     assert len(results) == 2, proc.stdout + proc.stderr
     assert {r["rank"] for r in results} == {0, 1}
     assert all(r["source"] == "openmpi" and r["world_size"] == 2 for r in results)

@@ -153,7 +153,8 @@ class Trainer:
         if writer:
             progress.close()
             print(f"dodo: stopped at step {self.step}/{self.cfg.train.steps} ({self.stop.reason}) after a "
-                  "checkpoint; resume with `dodo submit <run dir>`", flush=True)
+                  f"checkpoint; a cluster job requeues itself (up to cluster.max_requeues), and "
+                  f"`dodo submit {self.run.path}` resumes it by hand", flush=True)
             self.run.update_status(state="stopped", step=self.step, reason=self.stop.reason)
             writer.close()
         return EXIT_STOPPED
