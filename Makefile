@@ -17,6 +17,7 @@ $(STAMP): setup.cfg pyproject.toml hpc/install-system-deps.sh
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -c "from dodo.distributed.engine import build_cpu_ops; build_cpu_ops()"
 	touch $(STAMP)
 
 demo: install

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Any
 
 import torch
@@ -32,13 +33,32 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
+def use_cpu_accelerator() -> None:
+    """Point DeepSpeed at the CPU, with its JIT-built ops kept inside this environment.
+
+    On the CPU accelerator DeepSpeed compiles a shared-memory comm op on first use, into
+    ~/.cache/torch_extensions by default: two virtual environments on one machine then rebuild
+    it in turn (its hash covers their source paths) and a rank starting meanwhile fails.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+def build_cpu_ops() -> None:
+    """Compile DeepSpeed's CPU comm op now (`make install` does), not in the first run's ranks."""
+    use_cpu_accelerator()
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def init_distributed(env: DistEnv) -> None:
     """Initialise torch.distributed through DeepSpeed: gloo on CPU, nccl on GPU."""
+    if not torch.cuda.is_available():
+        use_cpu_accelerator()
     import deepspeed
 
     env.export()
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
 

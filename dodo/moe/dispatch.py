@@ -9,14 +9,19 @@
 3. grouped compute: each local expert runs once on its contiguous block of rows;
 4. all-to-all back, then combine: y = index_add over tokens of w * expert output.
 
-Each step is a small function with plain tensors in and out, so a fused kernel (the Triton
-issue) can replace one step without touching the routers or the layer. The all-to-all is
-differentiable: its backward is the all-to-all with the split sizes swapped.
+Each step is a small function with plain tensors in and out, so a fused kernel can replace
+one step without touching the routers or the layer. The all-to-all is differentiable: its
+backward is the all-to-all with the split sizes swapped.
+
+The layer (layer.py) replaces steps 1, 3 and 4 with ``dodo_kernels.moe_adapter_experts`` for
+bottleneck experts without expert parallelism, and step 3 (``fused=``) with it when ep > 1.
+This module's plain steps stay as the twin the tests compare with; `naive_moe` is the
+one-assignment-at-a-time reference.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -62,10 +67,17 @@ def combine(num_tokens: int, token: Tensor, weight: Tensor, expert_out: Tensor) 
     return out.index_add(0, token, weighted)
 
 
+# fused(rows, order, offsets) -> (R, d): every row through its expert, the rows' own order kept;
+# ``order`` groups the rows by local expert, which owns order[offsets[e]:offsets[e+1]].
+FusedExperts = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
 def moe_dispatch(x: Tensor, token: Tensor, expert: Tensor, weight: Tensor, experts: Sequence[nn.Module],
-                 num_experts: int, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+                 num_experts: int, group: Optional[dist.ProcessGroup] = None,
+                 fused: Optional[FusedExperts] = None) -> Tensor:
     """x (N, d) local tokens; assignments (M,); ``experts`` the experts this rank holds
-    (all E without a group, E / ep with one). Returns (N, d) in x's dtype."""
+    (all E without a group, E / ep with one). Returns (N, d) in x's dtype. With ep > 1,
+    ``fused`` (if given) computes the received rows in place of `grouped_experts`."""
     ep = dist.get_world_size(group) if group is not None else 1
     local = num_experts // ep
     assert len(experts) == local, f"{len(experts)} local experts, expected {local}"
@@ -83,8 +95,13 @@ def moe_dispatch(x: Tensor, token: Tensor, expert: Tensor, weight: Tensor, exper
         received = all_to_all(rows, send, recv, group)  # by source rank, then local expert
         local_id = torch.arange(local, device=x.device).repeat(ep).repeat_interleave(recv_counts.reshape(-1))
         regroup = sort_by_expert(local_id)  # by local expert, then source rank
-        computed = grouped_experts(received[regroup], recv_counts.sum(0).tolist(), experts)
-        back = torch.empty_like(computed).index_copy(0, regroup, computed)  # undo the regroup
+        if fused is not None:
+            offsets = torch.zeros(local + 1, dtype=torch.int32, device=x.device)
+            offsets[1:] = torch.cumsum(recv_counts.sum(0), 0)
+            back = fused(received, regroup.to(torch.int32), offsets)  # already in received order
+        else:
+            computed = grouped_experts(received[regroup], recv_counts.sum(0).tolist(), experts)
+            back = torch.empty_like(computed).index_copy(0, regroup, computed)  # undo the regroup
         out = all_to_all(back, recv, send, group)
     return combine(x.shape[0], token[order], weight[order], out).to(x.dtype)
 

@@ -14,6 +14,15 @@ the engine creates the expert-parallel / expert-data-parallel groups, ZeRO-1/2 r
 gradients over the expert-data-parallel group, and checkpoints store one file per global
 expert (``layer_<l>_expert_<e>_mp_rank_00_model_states.pt``). dodo's own router and dispatch
 run the forward (DeepSpeed's own gate supports k <= 2 and no hash / expert-choice routing).
+
+Hot path: bottleneck experts run through ``dodo_kernels.moe_adapter_experts`` (Triton on
+CUDA, its PyTorch reference elsewhere) on the experts' parameters stacked per forward, so
+the parameters, their names and DeepSpeed tags stay those of the per-expert modules. Without
+expert parallelism the op does the gather, the grouped experts and the gate-weighted combine
+from the router's ``gates``/``order``/``offsets``; with ep > 1 it computes the rows received
+by the all-to-all. LoRA experts, layer norm, tanh / tanh-GELU, dropout in training and
+expert-choice routing keep the plain dispatch (dispatch.py), which is also the twin the tests
+compare with (``use_kernels(False)``).
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import Tensor, nn
 
+import dodo_kernels
+from dodo.adapters.bottleneck import BottleneckAdapter
 from dodo.moe.config import MoEConfig
-from dodo.moe.dispatch import moe_dispatch
+from dodo.moe.dispatch import FusedExperts, moe_dispatch
 from dodo.moe.routers import Routing, RoutingKeys
 
 
@@ -48,6 +59,29 @@ class RoutingContext:
             return None
         position = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         return RoutingKeys(ids.reshape(-1), position.reshape(-1))
+
+
+_OP_ACTIVATIONS = {nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu"}
+
+
+def stacked_experts(experts: list[nn.Module]) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor, str]]:
+    """(W_down (E,H,D), b_down (E,H), W_up (E,D,H), b_up (E,D), activation) of bottleneck
+    experts for dodo_kernels.moe_adapter_experts, or None where the op does not compute what
+    the modules do: LoRA experts, layer norm, tanh or tanh-approximate GELU, dropout > 0 in
+    training. torch.stack is differentiable: gradients reach each expert's own parameters."""
+    if not experts:
+        return None
+    names = set()
+    for e in experts:
+        if (not isinstance(e, BottleneckAdapter) or not isinstance(e.norm, nn.Identity)
+                or getattr(e.act, "approximate", "none") != "none" or (e.training and e.dropout.p > 0)):
+            return None
+        names.add(_OP_ACTIVATIONS.get(type(e.act)))
+    if len(names) != 1 or None in names:
+        return None
+    return (torch.stack([e.down.weight for e in experts]), torch.stack([e.down.bias for e in experts]),
+            torch.stack([e.up.weight for e in experts]), torch.stack([e.up.bias for e in experts]),
+            names.pop())
 
 
 class _Experts(nn.Module):
@@ -94,7 +128,15 @@ class MoEAdapter(DeepSpeedMoE):
         self.deepspeed_moe = _Inner(router, _Experts(all_experts[:self.num_local_experts], self.expert_group_name))
         self.last_aux_loss: Optional[Tensor] = None
         self._replicas: Optional[list[nn.Module]] = None  # all E experts, while replicated
+        self._use_kernels = True
         self.reset_stats()
+
+    def use_kernels(self, on: bool = True) -> "MoEAdapter":
+        """False: the plain-PyTorch router and dispatch (the twin the tests compare with)."""
+        self._use_kernels = on
+        if hasattr(self.deepspeed_moe.gate, "use_kernels"):
+            self.deepspeed_moe.gate.use_kernels = on
+        return self
 
     # ---------------------------------------------------------------- parallelism
 
@@ -133,23 +175,44 @@ class MoEAdapter(DeepSpeedMoE):
     # ---------------------------------------------------------------- forward
 
     def forward(self, h: Tensor) -> Tensor:  # type: ignore[override]  # (..., d) -> (..., d)
+        return self._moe(h, None)
+
+    def fused_add(self, residual: Optional[Tensor], h: Tensor, scale=None) -> Optional[Tensor]:
+        """residual + A_moe(h) for AdaptedSublayer's sequential placement, with the residual
+        added inside the expert kernel where the Triton path runs (CUDA). None otherwise (CPU,
+        a scale, the plain path): the wrapper then computes y + A_moe(h) itself, so results
+        off the GPU are the same expression as before."""
+        if (scale is not None or residual is None or not self._use_kernels
+                or not dodo_kernels.use_triton(h, True, "moe adapter")):
+            return None
+        return self._moe(h, residual)
+
+    def _moe(self, h: Tensor, residual: Optional[Tensor]) -> Tensor:
         x = h.reshape(-1, h.shape[-1])  # (N, d)
         routing: Routing = self.deepspeed_moe.gate(x, self.context.keys_for(h.shape))
         if self._replicas is not None:
             experts, group = self._replicas, None
         else:
             experts, group = list(self.local_experts), self.ep_group
-        y = moe_dispatch(x, routing.token, routing.expert, routing.weight, experts, self.num_experts, group)
+        stacked = stacked_experts(experts) if self._use_kernels else None
+        res = None if residual is None else residual.reshape(x.shape)
+        if stacked is not None and group is None and routing.gates is not None:
+            # Gather, grouped experts and gate-weighted combine in one op; dropped assignments
+            # have gate 0 (computed, contribute nothing).
+            w_down, b_down, w_up, b_up, act = stacked
+            y = dodo_kernels.moe_adapter_experts(x, routing.gates, routing.order, routing.offsets,
+                                                 w_down, b_down, w_up, b_up, res, act)
+            res = None
+        else:
+            fused = _fused_rows(stacked) if stacked is not None else None
+            y = moe_dispatch(x, routing.token, routing.expert, routing.weight, experts, self.num_experts,
+                             group, fused)
+        if res is not None:
+            y = res + y
         self.last_aux_loss = routing.aux_loss
         if self.training:
             self._record(routing)
         return y.view(h.shape)
-
-    def fused_add(self, residual: Optional[Tensor], h: Tensor, scale=None) -> Optional[Tensor]:
-        """AdaptedSublayer asks its adapter for a fused residual + scale * A(h) kernel; an MoE
-        layer has none yet (its dispatch steps are the places for fused ops), so None: the
-        wrapper runs the plain path through forward()."""
-        return None
 
     # ---------------------------------------------------------------- statistics
 
@@ -196,6 +259,18 @@ class MoEAdapter(DeepSpeedMoE):
 
     def drop_replicas(self) -> None:
         self._replicas = None
+
+
+def _fused_rows(stacked: tuple[Tensor, Tensor, Tensor, Tensor, str]) -> FusedExperts:
+    """The dispatch's grouped-experts step as the fused op: each received row is its own token
+    with gate 1 (the gates are applied by the combine on the rows' home rank)."""
+    w_down, b_down, w_up, b_up, act = stacked
+
+    def run(rows: Tensor, order: Tensor, offsets: Tensor) -> Tensor:
+        ones = torch.ones((rows.shape[0], 1), dtype=torch.float32, device=rows.device)
+        return dodo_kernels.moe_adapter_experts(rows, ones, order, offsets, w_down, b_down, w_up, b_up,
+                                                None, act)
+    return run
 
 
 def moe_layers(model: nn.Module) -> list[MoEAdapter]:

@@ -13,6 +13,11 @@ Conventions (N tokens, E experts, k choices per token):
 - Load-balancing loss (Switch / GShard): E * sum_i P_i f_i, P_i the mean router probability
   of expert i, f_i the fraction of tokens whose FIRST choice is i (as DeepSpeed's top1/top2).
 - Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
+
+The learned top-k router takes its softmax, top-k and dispatch permutation from the
+``dodo_kernels.route_topk`` op (one Triton kernel chain on CUDA, its PyTorch reference
+elsewhere); `topk_gating` is the plain-PyTorch twin the tests compare with. Capacity, gate
+normalisation and the losses are the same code on both paths.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import dodo_kernels
 from dodo.moe.config import MoEConfig
 
 
@@ -36,6 +42,11 @@ class Routing:
     aux_loss: Tensor  # scalar, already weighted: aux_loss * balance + z_loss * z
     num_slots: int  # assignments asked for (k * N for top-k); num_slots - M were dropped
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached, for logging
+    # The same routing in the form of the fused expert op (dodo_kernels.moe_adapter_experts),
+    # for routers that give every token exactly k assignments (None otherwise):
+    gates: Optional[Tensor] = None  # (N, k) fp32: weight of assignment t*k+j, 0 where dropped
+    order: Optional[Tensor] = None  # (N*k,) int32: assignments t*k+j grouped by expert
+    offsets: Optional[Tensor] = None  # (E+1,) int32: expert e owns order[offsets[e]:offsets[e+1]]
 
 
 def capacity_for(num_tokens: int, num_experts: int, k: int, factor: float, min_capacity: int) -> int:
@@ -67,9 +78,16 @@ def topk_gating(logits: Tensor, k: int, capacity: Optional[int], normalize: bool
     With ``normalize`` and k >= 2 each token's kept weights are divided by their sum (as
     DeepSpeed/GShard top-2); k = 1 keeps the raw probability (Switch), so the router learns.
     """
-    n, num_experts = logits.shape
     probs = torch.softmax(logits, dim=-1)
     top_p, top_e = probs.topk(k, dim=-1)  # (N, k)
+    return apply_capacity(top_p, top_e, logits.shape[1], capacity, normalize)[:4]
+
+
+def apply_capacity(top_p: Tensor, top_e: Tensor, num_experts: int, capacity: Optional[int], normalize: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The capacity and normalisation step of `topk_gating`, from the (N, k) top-k probabilities
+    and experts (long). Also returns ``gates`` (N, k): the final weights, 0 where dropped."""
+    n, k = top_p.shape
     choice_major = top_e.t().reshape(-1)  # (k N,): all 1st choices, then all 2nd choices, ...
     onehot = F.one_hot(choice_major, num_experts)  # (k N, E)
     position = (onehot.cumsum(0) - 1).gather(1, choice_major[:, None]).squeeze(1)  # slot in its expert
@@ -78,9 +96,9 @@ def topk_gating(logits: Tensor, k: int, capacity: Optional[int], normalize: bool
     weight = top_p * kept
     if normalize and k > 1:
         weight = weight / weight.sum(-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).eps)
-    token = torch.arange(n, device=logits.device).repeat(k)  # choice-major, like choice_major
+    token = torch.arange(n, device=top_p.device).repeat(k)  # choice-major, like choice_major
     weight_cm = weight.t().reshape(-1)
-    return token[keep], choice_major[keep], weight_cm[keep], kept
+    return token[keep], choice_major[keep], weight_cm[keep], kept, weight
 
 
 def _stats(load: Tensor, probs: Optional[Tensor], bal: Tensor, z: Tensor) -> dict[str, Tensor]:
@@ -96,6 +114,7 @@ class TopKRouter(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wg = nn.Linear(d_model, cfg.num_experts, bias=False)  # DeepSpeed's name for the gate
+        self.use_kernels = True  # False: the plain-PyTorch twin (topk_gating), for tests
 
     def logits(self, x: Tensor) -> Tensor:  # (N, d) -> (N, E), fp32
         cfg = self.cfg
@@ -117,12 +136,24 @@ class TopKRouter(nn.Module):
     def forward(self, x: Tensor, keys: "RoutingKeys | None" = None) -> Routing:
         cfg = self.cfg
         logits = self.logits(x)
-        token, expert, weight, kept = topk_gating(logits, cfg.top_k, self.capacity(x.shape[0]), cfg.normalize_gates)
-        probs = torch.softmax(logits, dim=-1)
-        bal, z = balance_loss(probs, probs.argmax(-1)), z_loss(logits)
+        capacity = self.capacity(x.shape[0])
+        if not self.use_kernels:
+            token, expert, weight, kept = topk_gating(logits, cfg.top_k, capacity, cfg.normalize_gates)
+            probs = torch.softmax(logits, dim=-1)
+            bal, z = balance_loss(probs, probs.argmax(-1)), z_loss(logits)
+            load = torch.bincount(expert, minlength=cfg.num_experts)
+            return Routing(token, expert, weight, cfg.aux_loss * bal + cfg.z_loss * z, kept.numel(),
+                           _stats(load, probs, bal, z))
+        # Softmax, top-k (ties to the lower expert), counts and the expert-sorted permutation in
+        # one op; raw top-k probabilities (normalize=False): normalisation comes after dropping.
+        r = dodo_kernels.route_topk(logits, cfg.top_k, normalize=False)
+        top_e = r.ids.long()
+        token, expert, weight, kept, gates = apply_capacity(r.weights, top_e, cfg.num_experts, capacity,
+                                                            cfg.normalize_gates)
+        bal, z = balance_loss(r.probs, top_e[:, 0]), z_loss(logits)
         load = torch.bincount(expert, minlength=cfg.num_experts)
         return Routing(token, expert, weight, cfg.aux_loss * bal + cfg.z_loss * z, kept.numel(),
-                       _stats(load, probs, bal, z))
+                       _stats(load, r.probs, bal, z), gates, r.order, r.offsets)
 
 
 class ExpertChoiceRouter(TopKRouter):
@@ -224,7 +255,11 @@ def _fixed_routing(expert: Tensor, num_experts: int) -> Routing:
     weight = torch.ones(n, device=expert.device)
     load = torch.bincount(expert, minlength=num_experts)
     zero = weight.new_zeros(())
-    return Routing(token, expert, weight, zero, n, _stats(load, None, zero, zero))
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=expert.device)
+    offsets[1:] = torch.cumsum(load, 0)
+    order = torch.argsort(expert, stable=True).to(torch.int32)
+    return Routing(token, expert, weight, zero, n, _stats(load, None, zero, zero),
+                   weight[:, None], order, offsets)
 
 
 def build_router(cfg: MoEConfig, d_model: int, layer_index: int, vocab_size: int, max_positions: int
