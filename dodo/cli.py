@@ -133,12 +133,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from dodo.rundir import RunDir
 
     resume = Path(args.job).is_dir()
+    changes: list[str] = []
     if resume:
-        if args.overrides:
-            raise ConfigError(f"{args.job} is a run directory: its config is fixed; overrides "
-                              f"{' '.join(args.overrides)} apply only to a job file")
         run = RunDir.open(args.job)
         cfg = load_job(run.config)
+        if args.overrides:
+            cfg, changes = _resume_overrides(args.job, run.config, cfg, args.overrides)
         if args.cluster not in (None, "auto", cfg.cluster.profile):
             raise ConfigError(f"{args.job} is a run directory of cluster profile "
                               f"{cfg.cluster.profile or cfg.cluster.backend!r}; its config is fixed, so "
@@ -170,6 +170,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         run = RunDir.create(cfg.runs_dir, cfg.name, dump_config(cfg))
     else:
         (run.job / "cancelled").unlink(missing_ok=True)  # resuming a cancelled run: go on
+        if changes:
+            from dodo.rundir import write_atomic
+
+            write_atomic(run.config, dump_config(cfg))
+            note = f"resume at {time.strftime('%Y-%m-%d %H:%M:%S')}: {', '.join(changes)}"
+            with open(run.job / "config_changes.log", "a") as f:
+                f.write(note + "\n")
+            print(f"dodo: {run.path}/config.yaml changed for this resume: {', '.join(changes)}", flush=True)
     try:
         record, code = backend.submit(run, cfg, foreground=not args.detach)
     except BackendError as err:
@@ -181,6 +189,45 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"dodo: submitted {record.backend} job {record.job_id}\n  run directory {run.path}\n"
               f"  follow it with: dodo logs {run.path} -f")
     return code
+
+
+RESUME_KEYS = ("cluster.*", "train.micro_batch", "train.grad_accum")
+
+
+def _resume_overrides(run_dir: str, config: Path, old, overrides: Sequence[str]):
+    """Overrides on a run directory: only how it runs (cluster.*, train.micro_batch,
+    train.grad_accum) may change, and the global batch may not. Returns (new config, changes)."""
+    from dodo.config.loader import config_to_dict, load_job
+
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    bad = [k for k in keys if not (k.startswith("cluster.") or k in RESUME_KEYS)]
+    if bad:
+        raise ConfigError(f"{run_dir} is a run directory: its config is fixed, so {', '.join(bad)} cannot "
+                          f"change on resume; allowed there: {', '.join(RESUME_KEYS)} (e.g. to resume on "
+                          f"another number of ranks); anything else needs a new run from a job file")
+    new = load_job(config, overrides)
+
+    def batch(c) -> tuple[int, str]:
+        t, w = c.train, c.cluster.world_size
+        return t.micro_batch * t.grad_accum * w, f"{t.micro_batch} x {t.grad_accum} x {w}"
+
+    (was, was_text), (now, now_text) = batch(old), batch(new)
+    if was != now:
+        raise ConfigError(f"{run_dir}: resuming with {' '.join(overrides)} changes the global batch "
+                          f"train.micro_batch x train.grad_accum x ranks (cluster.nodes x cluster.tasks_per_node) "
+                          f"from {was_text} = {was} to {now_text} = {now}; keep it {was} (e.g. scale "
+                          f"train.grad_accum or train.micro_batch) so the sample order stays the same")
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    before = dict(flat(config_to_dict(old)))
+    changes = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in flat(config_to_dict(new)) if before.get(k) != v]
+    return new, changes
 
 
 def _remove_empty(*folders: Path) -> None:

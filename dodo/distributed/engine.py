@@ -63,7 +63,8 @@ def init_distributed(env: DistEnv) -> None:
                                auto_mpi_discovery=False)
 
 
-def deepspeed_config(cfg: JobConfig, world_size: int, precision: str) -> dict[str, Any]:
+def deepspeed_config(cfg: JobConfig, world_size: int, precision: str,
+                     load_universal: bool = False) -> dict[str, Any]:
     t, ds = cfg.train, cfg.deepspeed
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
@@ -88,6 +89,8 @@ def deepspeed_config(cfg: JobConfig, world_size: int, precision: str) -> dict[st
                           "loss_scale_window": ds.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1}
     elif precision == "bf16":
         config["bf16"] = {"enabled": True}
+    if load_universal:  # resuming on another world size: dodo.train.checkpoint.prepare_universal
+        config["checkpoint"] = {"load_universal": True}
     return config
 
 
@@ -155,8 +158,10 @@ def moe_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]
 
 
-def create_engine(model: nn.Module, cfg: JobConfig, env: DistEnv, precision: str):
-    """Returns (engine, lr_scheduler). Only trainable parameters reach the optimizer."""
+def create_engine(model: nn.Module, cfg: JobConfig, env: DistEnv, precision: str,
+                  load_universal: bool = False):
+    """Returns (engine, lr_scheduler). Only trainable parameters reach the optimizer;
+    `load_universal`: the engine will load a universal checkpoint."""
     import deepspeed
 
     _exclude_tied_frozen_aliases()
@@ -166,5 +171,5 @@ def create_engine(model: nn.Module, cfg: JobConfig, env: DistEnv, precision: str
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, env.world_size, precision))
+        config=deepspeed_config(cfg, env.world_size, precision, load_universal))
     return engine, scheduler

@@ -5,6 +5,10 @@ ZeRO optimizer shards, plus dodo's per-rank RNG state); after a barrier rank 0 w
 dodo_meta.json and publishes the directory with one rename, then points `latest` at it.
 A process killed mid-write leaves only staging debris, which the next save clears; resume
 takes the newest published step directory.
+
+Resuming on another world size (non-MoE): rank 0 converts the checkpoint once into DeepSpeed's
+universal format under checkpoints/universal/<tag>/ (written under a temporary name, renamed
+when complete), and the engine loads it with `"checkpoint": {"load_universal": true}`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ from dodo.rundir import RunDir, read_json, write_atomic, write_json_atomic
 
 _TAG = re.compile(r"^step_(\d{8})$")
 META = "dodo_meta.json"
+UNIVERSAL = "universal"
 
 
 class CheckpointError(RuntimeError):
@@ -107,8 +114,54 @@ def save(engine, run: RunDir, step: int, client_state: dict[str, Any], keep: int
     return CheckpointInfo(final, step, world)
 
 
-def load(engine, ckpt: CheckpointInfo) -> dict[str, Any]:
-    """Restore trainable weights, optimizer, LR schedule and this rank's RNG; returns client state."""
+def _convert(run: RunDir, ckpt: CheckpointInfo) -> Path:
+    """Rank 0: DeepSpeed's universal checkpoint of `ckpt`, converted once (reused when complete)."""
+    root = run.checkpoints / UNIVERSAL
+    out = root / ckpt.tag
+    if not out.is_dir():  # the rename below publishes it complete, or not at all
+        tmp = root / f".tmp_{ckpt.tag}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.path),
+               "--output_folder", str(tmp), "--inject_missing_state"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"converting checkpoint {ckpt.path} ({ckpt.world_size} ranks) to a universal checkpoint "
+                f"failed ({' '.join(cmd[1:4])} exited {proc.returncode}); resume with {ckpt.world_size} "
+                f"ranks instead. Its output ends:\n{(proc.stdout + proc.stderr)[-2000:]}")
+        write_json_atomic(tmp / META, {"step": ckpt.step, "world_size": ckpt.world_size, "source": ckpt.tag})
+        tmp.rename(out)
+    for other in root.iterdir():  # only the newest conversion is ever loaded
+        if other.is_dir() and other.name != ckpt.tag:
+            shutil.rmtree(other, ignore_errors=True)
+    write_atomic(root / "latest_universal", ckpt.tag + "\n")  # where DeepSpeed looks for the tag
+    return out
+
+
+def prepare_universal(run: RunDir, ckpt: CheckpointInfo) -> Path:
+    """Collective: rank 0 converts `ckpt` (see _convert), every rank gets its path or the error."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    result: list[Any] = [None]
+    if rank == 0:
+        try:
+            result[0] = _convert(run, ckpt)
+        except CheckpointError as err:
+            result[0] = err
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], CheckpointError):
+        raise result[0]
+    return Path(result[0])
+
+
+def load(engine, ckpt: CheckpointInfo, universal: Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """Restore trainable weights, optimizer, LR schedule and this rank's RNG; returns client state.
+
+    `universal`: the converted checkpoint (prepare_universal) when the world size changed; a rank
+    the checkpoint had no RNG state for seeds itself with seed * 1000 + rank + step.
+    """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if ckpt.world_size != world and getattr(engine, "has_moe_layers", False):
@@ -118,15 +171,21 @@ def load(engine, ckpt: CheckpointInfo) -> dict[str, Any]:
             "ZeRO partitions each expert's optimizer state over its expert-data-parallel group (world "
             "size / model.moe.ep_size ranks) and DeepSpeed's universal checkpoint conversion does not "
             "cover MoE experts, so the optimizer state cannot be re-split")
-    if ckpt.world_size != world:
+    if ckpt.world_size != world and universal is None:
         raise CheckpointError(
             f"checkpoint {ckpt.path} was written by {ckpt.world_size} ranks but this run has {world}; "
-            f"resume with {ckpt.world_size} ranks (resuming on another world size needs a universal "
-            "checkpoint conversion, not supported yet)")
-    _, client_state = engine.load_checkpoint(str(ckpt.path.parent), tag=ckpt.tag,
+            f"resume with {ckpt.world_size} ranks, or through its universal conversion (Trainer does)")
+    source = universal if universal is not None else ckpt.path
+    _, client_state = engine.load_checkpoint(str(source.parent), tag=source.name,
                                              load_module_strict=False, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     if client_state is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt.path}")
-    set_rng_state(torch.load(ckpt.path / f"dodo_rank_{rank}.pt", weights_only=False))
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {source}")
+    if "step" not in client_state:  # a conversion without dodo's client state: take the original's
+        client_state = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    rng = ckpt.path / f"dodo_rank_{rank}.pt"
+    if rng.exists():
+        set_rng_state(torch.load(rng, weights_only=False))
+    else:  # a rank the checkpoint did not have
+        torch.manual_seed(seed * 1000 + rank + client_state["step"])
     return client_state

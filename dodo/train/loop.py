@@ -29,6 +29,12 @@ EXIT_COMPLETED = 0
 EXIT_STOPPED = 3  # checkpointed and stopped on request; resumable
 
 
+def _has_moe(model: torch.nn.Module) -> bool:
+    from deepspeed.moe.utils import is_moe_param
+
+    return any(is_moe_param(p) for p in model.parameters())
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, run: RunDir, env: DistEnv):
         self.cfg, self.run, self.env = cfg, run, env
@@ -43,17 +49,21 @@ class Trainer:
         self.task = build_task(cfg)
         model = self.task.model.to(self.device)
         self.trainable, self.total_params = count_parameters(model)
-        self.engine, self.scheduler = create_engine(model, cfg, env, self.precision)
+        ckpt, universal = checkpoint.latest(run), None
+        if ckpt is not None and ckpt.world_size != self.world and not _has_moe(model):
+            universal = checkpoint.prepare_universal(run, ckpt)  # MoE: checkpoint.load refuses
+        self.engine, self.scheduler = create_engine(model, cfg, env, self.precision,
+                                                    load_universal=universal is not None)
         self.global_batch = cfg.train.micro_batch * cfg.train.grad_accum * self.world
 
         self.step = 0
         self.history: dict[str, Any] = {}
-        ckpt = checkpoint.latest(run)
         if ckpt is not None:
-            state = checkpoint.load(self.engine, ckpt)
+            state = checkpoint.load(self.engine, ckpt, universal, seed=cfg.train.seed)
             self.step, self.history = state["step"], state.get("history", {})
             self._sampler(self.step).check_resumable(state["sampler"])
-            log.info("resumed from %s at step %d", ckpt.path, self.step)
+            log.info("resumed from %s at step %d%s", ckpt.path, self.step,
+                     f" (written by {ckpt.world_size} ranks, now {self.world}: via {universal})" if universal else "")
         else:
             torch.manual_seed(cfg.train.seed * 1000 + self.rank)  # dropout streams differ per rank
 
@@ -133,7 +143,7 @@ class Trainer:
             loss = self.engine(**{k: v[lo:lo + mb].to(self.device) for k, v in tensors.items()})
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         return sum(losses) / len(losses)
 
     def _step_metrics(self) -> dict[str, Any]:
