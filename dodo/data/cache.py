@@ -30,9 +30,9 @@ from typing import Any, Callable, Optional
 from dodo import __version__
 from dodo.data.ingest import Item, Source, SourceError, open_source
 from dodo.data.ingest.images import RESIZE_MODES, BadSample, check_caption, prepare, prepare_array
-from dodo.data.manifest import (MANIFEST, REPORT, SHARDS, CacheError, Manifest, ShardInfo,
-                                write_json_atomic)
+from dodo.data.manifest import MANIFEST, REPORT, SHARDS, CacheError, Manifest, ShardInfo
 from dodo.data.store import SUFFIX, ShardWriter, checksum, shard_bytes, shard_name
+from dodo.rundir import write_atomic, write_json_atomic
 
 BUILD = "build.json"
 
@@ -255,11 +255,7 @@ def _finish(out: Path, opts: CacheOptions, source: Source, plan: list, results: 
     counts: dict[str, int] = {}
     for b in bad:
         counts[b["reason"]] = counts.get(b["reason"], 0) + 1
-    tmp = out / (REPORT + ".tmp")
-    with open(tmp, "w") as f:
-        for b in bad:
-            f.write(json.dumps(b) + "\n")
-    os.replace(tmp, out / REPORT)
+    write_atomic(out / REPORT, "".join(json.dumps(b) + "\n" for b in bad))
     shards = [results[k].info for k in range(len(plan))]
     manifest = Manifest(store=opts.store, encode=opts.encode, image_size=opts.image_size,
                         source=source.describe(), options=opts.identity(), shards=shards,

@@ -10,13 +10,12 @@ such instead of failing somewhere inside h5py.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from dodo.data.store import checksum, shard_bytes
+from dodo.rundir import write_json_atomic
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
@@ -96,19 +95,3 @@ class Manifest:
             raise CacheError(f"data cache {root} is damaged: " + "; ".join(problems) +
                              ". Rebuild it: rerun `dodo data cache` with the same options after deleting "
                              "the damaged shards (finished shards are kept)")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename: never half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared cache must be readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -146,13 +146,20 @@ def _exclude_tied_frozen_aliases() -> None:
     DeepSpeedEngine.module_state_dict = module_state_dict
 
 
+def has_moe_parameters(params: Iterable[nn.Parameter]) -> bool:
+    """Whether any parameter is a DeepSpeed MoE expert parameter (tagged by dodo.moe.layer)."""
+    from deepspeed.moe.utils import is_moe_param
+
+    return any(is_moe_param(p) for p in params)
+
+
 def moe_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """MoE: expert parameters (tagged allreduce=False by dodo.moe.layer) move to their own groups
     ({'moe': True, 'name': 'ep_size_<n>'}), which ZeRO-1/2 reduce and partition over the
     expert-data-parallel group; DeepSpeed refuses an MoE model without them. Else unchanged."""
-    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    if not any(is_moe_param(p) for g in groups for p in g["params"]):
+    if not has_moe_parameters(p for g in groups for p in g["params"]):
         return groups
     named = [{**g, "name": g.get("name", f"group_{i}")} for i, g in enumerate(groups)]
     return [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]

@@ -15,7 +15,8 @@ from dodo.adapters.inject import count_parameters
 from dodo.cluster.env import DistEnv
 from dodo.config.schema import JobConfig
 from dodo.data.sampler import GlobalBatchSampler
-from dodo.distributed.engine import create_engine, device_for, init_distributed, resolve_precision
+from dodo.distributed.engine import (create_engine, device_for, has_moe_parameters, init_distributed,
+                                     resolve_precision)
 from dodo.rundir import RunDir
 from dodo.tasks import build_task
 from dodo.train import checkpoint
@@ -27,12 +28,6 @@ log = logging.getLogger("dodo.train")
 
 EXIT_COMPLETED = 0
 EXIT_STOPPED = 3  # checkpointed and stopped on request; resumable
-
-
-def _has_moe(model: torch.nn.Module) -> bool:
-    from deepspeed.moe.utils import is_moe_param
-
-    return any(is_moe_param(p) for p in model.parameters())
 
 
 class Trainer:
@@ -50,7 +45,7 @@ class Trainer:
         model = self.task.model.to(self.device)
         self.trainable, self.total_params = count_parameters(model)
         ckpt, universal = checkpoint.latest(run), None
-        if ckpt is not None and ckpt.world_size != self.world and not _has_moe(model):
+        if ckpt is not None and ckpt.world_size != self.world and not has_moe_parameters(model.parameters()):
             universal = checkpoint.prepare_universal(run, ckpt)  # MoE: checkpoint.load refuses
         self.engine, self.scheduler = create_engine(model, cfg, env, self.precision,
                                                     load_universal=universal is not None)
