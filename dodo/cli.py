@@ -240,7 +240,7 @@ def _remove_empty(*folders: Path) -> None:
 
 
 def _print_dry_run(cfg, backend, config_text: str, missing: list[str]) -> int:
-    from dodo.distributed.engine import deepspeed_config
+    from dodo.distributed.config import deepspeed_config
 
     run_path = f"{cfg.runs_dir}/{cfg.name}/<id>"
     print("# resolved config (a valid job file)\n" + config_text)

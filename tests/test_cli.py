@@ -125,3 +125,26 @@ def test_ctrl_c_stops_after_a_checkpoint_and_resumes(workdir: Path):
     assert status["state"] == "stopped" and "interrupt" in status["reason"]
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{status['step']:08d}" and "stopped at step" in out
+
+
+# ---------------------------------------------------------------- a fast, torch-free CLI
+
+HEAVY = ("torch", "transformers", "deepspeed", "triton", "dodo_kernels")
+
+
+def test_import_cli_pulls_in_no_torch():
+    code = ("import sys, dodo.cli; heavy = [m for m in " + repr(HEAVY) + " if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+@pytest.mark.parametrize("args", [["submit", "jobs/demo.yaml", "--dry-run"],
+                                  ["submit", "jobs/moe_demo.yaml", "--dry-run"],
+                                  ["status"], ["sweep", "jobs/demo.yaml", "--grid", "train.lr=1e-4,2e-4", "--dry-run"]])
+def test_submit_dry_run_and_status_import_no_torch(workdir: Path, args):
+    """-X importtime lists every module imported (stderr, one line each, the name last)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dodo", *args], cwd=workdir,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert imported and not imported & set(HEAVY), sorted(imported & set(HEAVY))

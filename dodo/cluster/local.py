@@ -17,8 +17,8 @@ from pathlib import Path
 
 from dodo.cluster.backend import Backend, JobRecord
 from dodo.config.schema import JobConfig
+from dodo.exitcodes import EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED
 from dodo.rundir import RunDir
-from dodo.train.loop import EXIT_COMPLETED, EXIT_STOPPED
 
 
 def free_port() -> int:
@@ -107,7 +107,7 @@ class LocalBackend(Backend):
         run.update_status(state="failed", failed_rank=rank, exit_code=code)
         print(f"\ndodo: rank {rank} exited with status {code}; last lines of {run.rank_log(rank)}:\n  "
               + "\n  ".join(tail), file=sys.stderr, flush=True)
-        return 1
+        return EXIT_FAILED
 
     def is_alive(self, record: JobRecord) -> bool:
         return any(_pid_alive(pid) for pid in record.details.get("pids", []))

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 # RGB values chosen to be told apart at a glance and by their dominant channel.
@@ -140,7 +139,9 @@ def render(attrs: dict[str, str], image_size: int, rng: np.random.Generator) -> 
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-class SyntheticShapes(torch.utils.data.Dataset):
+# A plain map-style dataset (__len__ / __getitem__), which DataLoader takes as it is; not a
+# torch Dataset subclass, so that config checks reading the vocabulary above stay torch-free.
+class SyntheticShapes:
     """``num`` deterministic samples of one split. Sample i depends only on (seed, split, i)."""
 
     def __init__(self, split: Literal["train", "eval"], num: int, image_size: int = 32,

@@ -12,6 +12,7 @@ from torch import nn
 
 from dodo.cluster.env import DistEnv
 from dodo.config.schema import JobConfig
+from dodo.distributed.config import deepspeed_config  # noqa: F401 (torch-free, for --dry-run)
 
 
 def device_for(env: DistEnv) -> torch.device:
@@ -61,37 +62,6 @@ def init_distributed(env: DistEnv) -> None:
     env.export()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
-
-
-def deepspeed_config(cfg: JobConfig, world_size: int, precision: str,
-                     load_universal: bool = False) -> dict[str, Any]:
-    t, ds = cfg.train, cfg.deepspeed
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {
-            "stage": ds.zero_stage,
-            "overlap_comm": ds.overlap_comm,
-            "contiguous_gradients": ds.contiguous_gradients,
-            "reduce_bucket_size": ds.reduce_bucket_size,
-            "allgather_bucket_size": ds.allgather_bucket_size,
-        },
-        # dodo passes its own torch AdamW: DeepSpeed's fused/CPU Adam need compiled ops that
-        # POWER9 and CPU-only hosts may lack, and ZeRO 1/2 shard any torch optimizer correctly.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,  # dodo logs progress itself
-        "wall_clock_breakdown": False,
-    }
-    if precision == "fp16":
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": ds.initial_scale_power,
-                          "loss_scale_window": ds.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1}
-    elif precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    if load_universal:  # resuming on another world size: dodo.train.checkpoint.prepare_universal
-        config["checkpoint"] = {"load_universal": True}
-    return config
 
 
 def lr_lambda(cfg: JobConfig):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from dodo.models.config import ModelConfig
+
+if TYPE_CHECKING:  # torch is imported lazily: `dodo submit --dry-run` and `dodo status` stay torch-free
+    from torch import nn
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int,

@@ -17,6 +17,7 @@ from dodo.config.schema import JobConfig
 from dodo.data.sampler import GlobalBatchSampler
 from dodo.distributed.engine import (create_engine, device_for, has_moe_parameters, init_distributed,
                                      resolve_precision)
+from dodo.exitcodes import EXIT_COMPLETED, EXIT_STOPPED  # noqa: F401 (re-exported)
 from dodo.rundir import RunDir
 from dodo.tasks import build_task
 from dodo.train import checkpoint
@@ -25,9 +26,6 @@ from dodo.train.signals import StopFlag
 from dodo.train.summary import write_summary
 
 log = logging.getLogger("dodo.train")
-
-EXIT_COMPLETED = 0
-EXIT_STOPPED = 3  # checkpointed and stopped on request; resumable
 
 
 class Trainer:
