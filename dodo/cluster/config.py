@@ -14,6 +14,10 @@ from typing import Literal
 from dodo.config.errors import check
 
 
+MAX_COUNT = 100_000  # nodes, ranks, threads: far above any real allocation, far below int64
+LOCAL_RANKS_PER_CPU = 4  # the local backend oversubscribes cores at most this much
+
+
 @dataclass
 class ClusterConfig:
     profile: str = ""  # the hpc/clusters/<profile>.yaml this section was built on ("" none)
@@ -74,6 +78,18 @@ class ClusterConfig:
         if self.requires_account and self.backend == "lsf":
             check(bool(self.project), "project", f"is required by the site{where}; set it to your "
                   "allocation, e.g. cluster.project=ABC123")
+        for name in ("nodes", "tasks_per_node", "threads_per_task", "cpus_per_task", "gpus_per_task"):
+            check(getattr(self, name) <= MAX_COUNT, name, f"must be at most {MAX_COUNT:,} (a sane range for "
+                  f"one allocation), got {getattr(self, name):,}")
+        if self.backend == "local":  # all ranks on this machine: a few per core at most
+            import os
+
+            cores = os.cpu_count() or 1
+            check(self.world_size <= max(8, LOCAL_RANKS_PER_CPU * cores), "tasks_per_node",
+                  f"asks for {self.world_size:,} ranks on this machine, which has {cores} CPU cores; the local "
+                  f"backend runs at most max(8, {LOCAL_RANKS_PER_CPU} x cores) = {max(8, LOCAL_RANKS_PER_CPU * cores)} "
+                  "ranks: lower cluster.tasks_per_node (and cluster.nodes), or submit to a cluster")
+
 
     @property
     def world_size(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,13 @@ OVERRIDE = "command line override"
 DEFAULT = "default"  # the source of a key that no file or override set
 _PACKAGE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 _NO_VALUE = object()
+# Size caps on what a job file may hold (dodo/config/limits: why each number, docs/quickstart.md).
+MAX_FILE_BYTES = 1_000_000  # a job file or fragment; real ones are a few kB
+MAX_DEPTH = 32  # nesting of mappings and lists; the schema itself is 5 deep
+MAX_NODES = 100_000  # values after expanding YAML aliases (an "alias bomb" expands to billions)
+MAX_STR = 4096  # one string (PATH_MAX); a name or path longer than this is a mistake
+MAX_LIST = 10_000  # elements of one list
+INT64 = 2**63
 
 
 # ---------------------------------------------------------------- public API
@@ -70,13 +78,14 @@ def parse_override(text: str) -> tuple[str, object]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or not all(key.split(".")):
-        raise ConfigError(f"{OVERRIDE} {text!r} is malformed; expected key.path=value, "
+        raise ConfigError(f"{OVERRIDE} {_short(text)} is malformed; expected key.path=value, "
                           f"e.g. train.steps=100")
     try:
+        _check_yaml_size(raw, f"{OVERRIDE} {_short(text)}")
         return key, yaml.load(raw, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{OVERRIDE} {text!r}: cannot read the value {raw!r} ({problem}); "
+        raise ConfigError(f"{OVERRIDE} {_short(text)}: cannot read the value ({problem}); "
                           f"quote strings and write lists as [a, b]") from None
 
 
@@ -154,12 +163,57 @@ _Dumper.add_representer(
     list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True))
 
 
-def _read_yaml(path: Path, shown: str) -> dict:
+def _check_yaml_size(text: str, shown: str) -> None:
+    """Refuse deep nesting and alias bombs before PyYAML builds anything.
+
+    PyYAML's composer and constructor recurse per nesting level (a RecursionError past ~1000)
+    and expand every alias (9 levels of 10 aliases are 10**9 objects: a MemoryError). Its event
+    parser is a flat state machine, so one pass over the events measures the depth and the size
+    after alias expansion cheaply. Aliases themselves stay allowed (`<<: *defaults` is common).
+    """
+    anchors: dict[str, int] = {}
+    stack: list[list] = [[None, 0]]  # [anchor, values inside] per open collection
     try:
+        for event in yaml.parse(text, Loader=_StrictLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                stack.append([event.anchor, 1])
+                if len(stack) - 1 > MAX_DEPTH:
+                    line = event.start_mark.line + 1
+                    raise ConfigError(f"{shown}:{line}: nested more than {MAX_DEPTH} levels deep; a job file's "
+                                      "settings are a few levels deep: flatten it")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                anchor, count = stack.pop()
+                if anchor:
+                    anchors[anchor] = count
+                stack[-1][1] += count
+            elif isinstance(event, yaml.ScalarEvent):
+                if event.anchor:
+                    anchors[event.anchor] = 1
+                stack[-1][1] += 1
+            elif isinstance(event, yaml.AliasEvent):
+                stack[-1][1] += anchors.get(event.anchor, 1)
+            if stack[-1][1] > MAX_NODES or stack[0][1] > MAX_NODES:
+                raise ConfigError(f"{shown}: more than {MAX_NODES:,} values (YAML aliases *name counted as "
+                                  "expanded); a job file holds settings: put long lists in a file it names, "
+                                  "and do not nest aliases of aliases")
+    except yaml.YAMLError:
+        return  # a syntax error: yaml.load below reports it with its line and column
+
+
+def _read_yaml(path: Path, shown: str, job: bool = False) -> dict:
+    if not path.is_file():  # a FIFO or a device: reading it could block or never end
+        raise ConfigError(f"{shown} is not a regular file (a pipe, socket or device); write the job to a "
+                          ".yaml file and pass that")
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(f"{shown} is {size:,} bytes, more than the {MAX_FILE_BYTES:,} a job file or "
+                              "fragment may have; job files hold settings, not data: name data by path")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{shown}: cannot read the file: {e}") from None
+        raise ConfigError(f"{shown}: cannot read the file: {_short(str(e), 200)}") from None
     try:
+        _check_yaml_size(text, shown)
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -173,7 +227,10 @@ def _read_yaml(path: Path, shown: str) -> dict:
         raise ConfigError(f"{where}: invalid YAML: {problem}; fix the file at that line and column") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{shown}: invalid YAML: {e}") from None
-    if data is None:  # an empty file is an empty config
+    if data is None and job:  # most likely a file that was truncated or never written
+        raise ConfigError(f"job file {shown!r} is empty; a job names at least its fragments, e.g. "
+                          "'defaults: [model/tiny, adapter/bottleneck, data/synthetic, train/demo]' (copy jobs/demo.yaml)")
+    if data is None:  # an empty fragment is an empty config
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{shown}: the top level must be a mapping of keys such as "
@@ -200,7 +257,7 @@ def _compose(path: Path, shown: str, configs_dir: Path, tree: dict, sources: dic
     if resolved in chain:
         cycle = " -> ".join(_display(p) for p in (*chain[chain.index(resolved):], resolved))
         raise ConfigError(f"{shown}: defaults form a cycle: {cycle}; remove one of these entries")
-    data = _read_yaml(path, shown)
+    data = _read_yaml(path, shown, job=not chain)
     defaults = data.pop("defaults", None) or []
     if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
         raise ConfigError(f"{shown}: defaults must be a list of fragment names like "
@@ -261,10 +318,26 @@ def _check_override_key(key: str) -> None:
             parent = ".".join(parts[:i])
             raise ConfigError(f"{OVERRIDE}: {parent} is a single value, not a section; "
                               f"write {parent}=VALUE")
+        if hasattr(cls, "config_class_for"):
+            return  # its keys depend on a value inside it (model.family): build_config checks them
         field_types = _field_types(cls)
         if part not in field_types:
             raise ConfigError(_unknown_key_message(OVERRIDE, ".".join(parts[:i + 1]), list(field_types)))
         cls = field_types[part]
+
+
+def _section_class(tp: type, value: Mapping, path: str, sources: Mapping[str, str]) -> type:
+    """The class to build a section with: ``tp``, or the subclass its ``config_class_for`` hook
+    picks from the raw mapping (``model``: the keys of the family named by ``model.family``,
+    dodo/models/config.py)."""
+    select = getattr(tp, "config_class_for", None)
+    if select is None:
+        return tp
+    try:
+        return select(value)
+    except ConfigValueError as e:
+        key = _join(path, e.key)
+        raise ConfigError(f"{_source_of(sources, key)}: {key}: {e.message}") from None
 
 
 # ---------------------------------------------------------------- types
@@ -296,32 +369,45 @@ def _convert(value: Any, tp: Any, path: str, sources: Mapping[str, str]) -> Any:
         hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
         raise wrong(f"one of ({', '.join(choices)})", hint)
     if origin is list:
+        if isinstance(value, list) and len(value) > MAX_LIST:
+            raise ConfigError(f"{_source_of(sources, path)}: {path} has {len(value):,} elements, more than "
+                              f"{MAX_LIST:,}; name a file that holds them instead")
         if not isinstance(value, list):
             raise wrong("a list", f"; write it as [{_fmt(value)}]" if isinstance(value, (str, int, float)) else "")
         return [_convert(item, args[0], f"{path}[{i}]", sources) for i, item in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise wrong("a mapping of settings", f"; write it as {path.rpartition('.')[2]}: {{key: value}}")
-        return build_config(tp, value, sources, path)
+        return build_config(_section_class(tp, value, path, sources), value, sources, path)
     if tp is bool:
         if isinstance(value, bool):
             return value
         raise wrong("true or false")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT64 <= value < INT64:
+                raise wrong("an integer that fits in 64 bits (below 2**63)")
             return value
         raise wrong("an integer", f"; write {int(value)}" if isinstance(value, float) and value.is_integer() else "")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str) and len(value) < 100:
             try:
-                return float(value)  # YAML 1.1 reads 1e-4 (no dot in the mantissa) as a string
+                number = float(value)  # YAML 1.1 reads 1e-4 (no dot in the mantissa) as a string
             except ValueError:
                 pass
-        raise wrong("a number")
+        if number is None:
+            raise wrong("a number")
+        if not math.isfinite(number):  # .inf, .nan, 1e999: no setting means "infinite"
+            raise wrong("a finite number (not .inf or .nan)")
+        return number
     if tp is str:
         if isinstance(value, str):
+            if len(value) > MAX_STR:
+                raise ConfigError(f"{_source_of(sources, path)}: {path} is {len(value):,} characters long, more "
+                                  f"than {MAX_STR:,}; a name or path is short: check the file")
             return value
         # YAML reads yes/no/on/off as booleans and 2024 as a number.
         raise wrong("a string", "; put it in quotes" if isinstance(value, (bool, int, float)) else "")
@@ -368,6 +454,9 @@ def _unknown_key_message(source: str, path: str, siblings: list[str]) -> str:
 def _missing_job_message(path: Path, shown: str) -> str:
     if path.is_dir():
         return f"job file {shown!r} is a folder; name a .yaml file inside it"
+    if path.exists():  # a FIFO, socket or device
+        return (f"job file {_short(shown)} is not a regular file (a pipe, socket or device); write the job "
+                "to a .yaml file and pass that")
     folder = os.path.dirname(shown)
     folder_shown = f"{folder}/" if folder else "the current folder"
     if not path.parent.is_dir():
@@ -396,6 +485,12 @@ def _fmt(value: Any) -> str:
     """A value as it would be written in YAML: -5, 1.5, [mlp, attention], null."""
     text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=1000).strip()
     return text.removesuffix("...").strip()
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """repr(text), cut: a message quotes what the user wrote, never all of it."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[:limit - 3]}...' ({len(text):,} characters)"
 
 
 def _join(prefix: str, key: str) -> str:

@@ -14,11 +14,9 @@ when complete), and the engine loads it with `"checkpoint": {"load_universal": t
 from __future__ import annotations
 
 import random
-import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,45 +24,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dodo.rundir import RunDir, read_json, write_atomic, write_json_atomic
+from dodo.rundir import RunDir, write_atomic, write_json_atomic
+# Torch-free, so that `dodo submit` can read them: re-exported here.
+from dodo.train.checkpoint_index import _TAG, META, CheckpointInfo, latest, published, tag_for  # noqa: F401
 
-_TAG = re.compile(r"^step_(\d{8})$")
-META = "dodo_meta.json"
 UNIVERSAL = "universal"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed here; the message says why and what to do."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    path: Path
-    step: int
-    world_size: int
-
-    @property
-    def tag(self) -> str:
-        return self.path.name
-
-
-def published(run: RunDir) -> list[CheckpointInfo]:
-    """Complete checkpoints, oldest first."""
-    found = []
-    for path in run.checkpoints.glob("step_*"):
-        meta = read_json(path / META)
-        if _TAG.match(path.name) and meta is not None:
-            found.append(CheckpointInfo(path, meta["step"], meta["world_size"]))
-    return sorted(found, key=lambda c: c.step)
-
-
-def latest(run: RunDir) -> CheckpointInfo | None:
-    done = published(run)
-    return done[-1] if done else None
 
 
 def rng_state() -> dict[str, Any]:

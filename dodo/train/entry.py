@@ -7,7 +7,7 @@ import signal
 import sys
 
 from dodo.cluster.env import discover
-from dodo.config.loader import load_job
+from dodo.config.resume import accept_overrides, load_run_config, refuse_overrides
 from dodo.rundir import RunDir
 
 
@@ -18,13 +18,22 @@ def run_rank(run_dir: str) -> int:
     for sig in (signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: early.append(signum))
     run = RunDir.open(run_dir)
-    cfg = load_job(run.config)
+    cfg = load_run_config(run)  # config.yaml + the overrides of this resume, if any
     env = discover()
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
     from dodo.train.loop import Trainer  # heavy imports (torch, DeepSpeed) after the cheap checks
 
-    trainer = Trainer(cfg, run, env)
+    from dodo.train.checkpoint import CheckpointError
+
+    try:
+        trainer = Trainer(cfg, run, env)  # loads the checkpoint: a resume is accepted or refused here
+    except CheckpointError as err:
+        if env.rank == 0:  # recorded; config.yaml stays as it was (dodo/config/resume.py)
+            refuse_overrides(run, str(err))
+        raise
+    if env.rank == 0:
+        accept_overrides(run)
     if early and trainer.stop.reason is None:
         trainer.stop.reason = f"{signal.Signals(early[0]).name} received while starting"
     try:
