@@ -102,8 +102,14 @@ class RunDir:
         return read_json(self.status_file, default={})
 
     def update_status(self, **fields: Any) -> dict[str, Any]:
-        status = {**self.status(), **fields, "updated": time.time()}
-        write_json_atomic(self.status_file, status)
+        """The one writer of status.json (launchers, rank 0, the batch continuation, dodo cancel):
+        read-merge-write under an exclusive lock, so that two writers never drop each other's keys."""
+        import fcntl
+
+        with open(self.path / ".status.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            status = {**self.status(), **fields, "updated": time.time()}
+            write_json_atomic(self.status_file, status)
         return status
 
     @classmethod

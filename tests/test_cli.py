@@ -148,3 +148,22 @@ def test_submit_dry_run_and_status_import_no_torch(workdir: Path, args):
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert imported and not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_status_json_has_one_locked_writer(tmp_path: Path):
+    """Launcher and rank 0 update status.json at the same time: no key is lost."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dodo.rundir import RunDir
+
+    run = RunDir.create(tmp_path, "r", "name: r\n")
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_update_status, [(str(run.path), f"k{i}") for i in range(40)]))
+    assert all(f"k{i}" in run.status() for i in range(40))
+
+
+def _update_status(args: tuple[str, str]) -> None:
+    from dodo.rundir import RunDir
+
+    path, key = args
+    RunDir(Path(path)).update_status(**{key: 1})
