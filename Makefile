@@ -17,6 +17,9 @@ $(STAMP): setup.cfg pyproject.toml hpc/install-system-deps.sh
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# clip_benchmark: only its shipped class-name / template lists are read (dodo/eval/classnames.py);
+	# it declares torchvision and open_clip, which we neither need nor can install: --no-deps.
+	$(BIN)/python -m pip install --quiet --no-deps 'clip_benchmark>=1.6,<2'
 	$(BIN)/python -c "from dodo.distributed.engine import build_cpu_ops; build_cpu_ops()"
 	touch $(STAMP)
 

@@ -13,11 +13,31 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE; pair i is the positive of row i. image, text: (B, D)."""
+def positives_from_ids(positive_ids: torch.Tensor) -> torch.Tensor:
+    """(B, B) bool: samples i and j are positives of each other when they share an id (B,):
+    the image id (several captions of one image in a batch), or the class id when fine-tuning
+    on a classification dataset with class templates as texts. All-distinct ids: the identity."""
+    return positive_ids[:, None] == positive_ids[None, :]
+
+
+def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float,
+             positive_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE; pair i is the positive of row i. image, text: (B, D).
+
+    With ``positive_ids`` (B,), every text sharing row i's id is a positive too: each row's
+    target spreads uniformly over its positives (the multi-positive cross-entropy of
+    supervised-contrastive / UniCL training); with distinct ids this is CLIP's loss exactly."""
     logits = logit_scale * image @ text.T  # (B, B)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    if positive_ids is not None:
+        pos = positives_from_ids(positive_ids)
+        if not bool(pos.fill_diagonal_(False).any()):  # all distinct: the one-hot case below
+            positive_ids = None
+    if positive_ids is None:
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    target = positives_from_ids(positive_ids).to(logits.dtype)
+    target = target / target.sum(1, keepdim=True)  # symmetric relation: rows and columns alike
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 def mpm_soft_labels(positives: torch.Tensor, eps: float) -> torch.Tensor:
@@ -30,11 +50,16 @@ def mpm_soft_labels(positives: torch.Tensor, eps: float) -> torch.Tensor:
     return (1 - eps) * y / n_pos + eps * (1 - y) / n_neg
 
 
-def mpm_nce(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor, eps: float = 0.1,
-            delta: float = 0.05, tau: float = 0.01) -> torch.Tensor:
+def mpm_nce(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor | None = None, eps: float = 0.1,
+            delta: float = 0.05, tau: float = 0.01, positive_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-positive NCE (R-Adapter): soft labels over several positives (smoothing eps), an
     additive margin delta on the negatives' similarities, fixed temperature tau.
-    image, text: (B, D); positives: (B, B) bool, positives[i, j] = text j describes image i."""
+    image, text: (B, D); positives: (B, B) bool, positives[i, j] = text j describes image i,
+    or ``positive_ids`` (B,): samples sharing an image id (or a class id) are positives."""
+    if positives is None:
+        if positive_ids is None:
+            raise ValueError("mpm_nce needs positives (B, B) or positive_ids (B,)")
+        positives = positives_from_ids(positive_ids)
     sim = image @ text.T  # (B, B)
     logits = (sim + delta * (~positives).to(sim.dtype)) / tau
     i2t = -(mpm_soft_labels(positives, eps) * F.log_softmax(logits, dim=1)).sum(1).mean()

@@ -127,3 +127,44 @@ def test_lm_loss_shifts():
     logits[0, 0, 2] = 10.0  # predicts token 2 at position 1
     labels = torch.tensor([[-100, 2, -100]])
     assert float(losses.lm_loss(logits, labels)) < 1e-3
+
+
+def test_infonce_positive_ids_distinct_is_clip():
+    g = torch.Generator().manual_seed(3)
+    img, txt = unit(torch.randn(5, 8, generator=g, dtype=torch.float64)), unit(
+        torch.randn(5, 8, generator=g, dtype=torch.float64))
+    ids = torch.tensor([40, 7, 3, 12, 0])
+    torch.testing.assert_close(losses.info_nce(img, txt, 10.0, positive_ids=ids), losses.info_nce(img, txt, 10.0))
+
+
+def test_infonce_shared_image_ids_hand_computed():
+    # Rows 0 and 1 share id 5 (two images of one class, with class templates as texts): each
+    # row's target is 1/2 on both texts, each text's 1/2 on both images.
+    img = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], dtype=torch.float64)
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], dtype=torch.float64)
+    ids = torch.tensor([5, 5, 9])
+    logits = img @ txt.T  # scale 1
+    def ce(row: torch.Tensor, target: list[float]) -> float:
+        logp = row - torch.logsumexp(row, 0)
+        return -float(sum(t * lp for t, lp in zip(target, logp)))
+    tgt = [[.5, .5, 0], [.5, .5, 0], [0, 0, 1]]
+    i2t = sum(ce(logits[i], tgt[i]) for i in range(3)) / 3
+    t2i = sum(ce(logits[:, j], tgt[j]) for j in range(3)) / 3
+    got = losses.info_nce(img, txt, 1.0, positive_ids=ids)
+    assert float(got) == pytest.approx(0.5 * (i2t + t2i), rel=1e-12)
+    assert abs(float(got) - float(losses.info_nce(img, txt, 1.0))) > 1e-3  # not CLIP's one-hot loss
+
+
+def test_mpm_nce_positive_ids():
+    g = torch.Generator().manual_seed(4)
+    img, txt = unit(torch.randn(6, 8, generator=g, dtype=torch.float64)), unit(
+        torch.randn(6, 8, generator=g, dtype=torch.float64))
+    ids = torch.tensor([0, 1, 0, 2, 1, 3])  # image (or class) ids: 0 and 1 shared
+    pos = losses.positives_from_ids(ids)
+    assert pos.sum().item() == 6 + 4 and bool(pos[0, 2]) and not bool(pos[0, 1])
+    torch.testing.assert_close(losses.mpm_nce(img, txt, positive_ids=ids), losses.mpm_nce(img, txt, pos))
+    # eps = delta = 0: the multi-positive InfoNCE with the same ids
+    torch.testing.assert_close(losses.mpm_nce(img, txt, positive_ids=ids, eps=0.0, delta=0.0, tau=0.1),
+                               losses.info_nce(img, txt, 10.0, positive_ids=ids), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="positive_ids"):
+        losses.mpm_nce(img, txt)
