@@ -53,3 +53,220 @@ def write_coco(root: Path, images: dict[int, bytes | None], captions: dict[int, 
     path.write_text(json.dumps({"info": {"description": "test"}, "licenses": [],
                                 "images": entries, "annotations": anns}))
     return path
+
+
+# --- real formats with natural-language captions, for ingest and end-to-end tests ------------
+#
+# Every writer uses the format's own tool where one exists (webdataset's TarWriter, pyarrow
+# parquet as img2dataset writes it, json for the Karpathy / COCO files, PIL for JPEGs, pickle
+# with bytes keys for CIFAR) and returns what a researcher would pass to `dodo data cache`.
+
+import pickle
+
+ADJECTIVES = ("young", "old", "small", "large", "happy", "brown", "tall", "busy")
+SUBJECTS = ("man", "woman", "dog", "cat", "child", "bus", "horse", "bird", "girl", "boy", "train")
+ACTIONS = ("riding a bike down", "walking along", "sitting on a bench in", "standing next to a car on",
+           "running across", "waiting at", "looking at the sky above", "playing with a ball on")
+PLACES = ("a city street", "the beach", "a grassy field", "a busy market", "a snowy hill",
+          "the train station", "a quiet park", "the river bank")
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+SPLIT_CYCLE = ("train", "train", "restval", "val", "test")  # Karpathy splits by image index
+
+
+def caption(i: int, j: int = 0) -> str:
+    """Natural caption j of image i, e.g. "a young man riding a bike down a city street"."""
+    return (f"a {ADJECTIVES[(i + j) % len(ADJECTIVES)]} {SUBJECTS[i % len(SUBJECTS)]} "
+            f"{ACTIONS[(i // len(SUBJECTS) + j) % len(ACTIONS)]} {PLACES[(i + 3 * j) % len(PLACES)]}")
+
+
+def all_words() -> list[str]:
+    """Every word the writers below can produce (captions, class names, corpus)."""
+    words = {w for part in (ADJECTIVES, SUBJECTS, ACTIONS, PLACES, CIFAR10_NAMES) for p in part
+             for w in p.split()}
+    words |= {"a", "the", "and", "photo", "of", "an", "image", "class", "said", "then", "went", "home",
+              "synonym", "superclass", ".", ",", "'", "-", "_"} | {str(d) for d in range(10)}
+    for n in imagenet_names()[:100]:
+        words.update(n.lower().replace("-", " ").replace("'", " ").split())
+    return sorted(words)
+
+
+def imagenet_names() -> list[str]:
+    """ImageNet's 1000 class names as clip_benchmark ships them (its en_classnames.json)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("clip_benchmark")
+    folder = spec.submodule_search_locations[0]  # read the JSON without importing the package
+    with open(os.path.join(folder, "datasets", "en_classnames.json")) as f:
+        return json.load(f)["imagenet1k"]
+
+
+def class_image(label: int, i: int, size: int = 24, fmt: str = "JPEG") -> bytes:
+    """An image whose colour depends on its class (so kNN / probes can learn it) plus noise."""
+    base = np.random.default_rng([label, 99]).integers(30, 225, size=3)
+    noise = np.random.default_rng([label, i]).normal(0, 12, size=(size, size, 3))
+    pixels = np.clip(base[None, None, :] + noise, 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+def write_karpathy(root: Path, n_images: int, captions_per_image: int = 5, dataset: str = "coco",
+                   size: int = 24) -> tuple[Path, Path]:
+    """``root/dataset_<dataset>.json`` + images; returns (json, image root for --images).
+
+    coco: images under ``<root>/images/<filepath>/`` with ``cocoid``; flickr30k: flat, no
+    filepath. Image i is in split SPLIT_CYCLE[i % 5]; caption j of image i is caption(i, j).
+    """
+    images_root = root / "images"
+    entries = []
+    for i in range(n_images):
+        split = SPLIT_CYCLE[i % len(SPLIT_CYCLE)]
+        if dataset == "coco":
+            folder = "val2014" if split != "train" else "train2014"
+            name = f"COCO_{folder}_{100000 + i:012d}.jpg"
+            entry = {"filepath": folder, "filename": name, "cocoid": 100000 + i}
+        else:
+            folder, name = "", f"{1000091 + i}.jpg"
+            entry = {"filename": name}
+        (images_root / folder).mkdir(parents=True, exist_ok=True)
+        (images_root / folder / name).write_bytes(image_bytes(i, size))
+        sentences = [{"tokens": caption(i, j).split(), "raw": caption(i, j).capitalize() + ".",
+                      "imgid": i, "sentid": i * captions_per_image + j} for j in range(captions_per_image)]
+        entries.append({**entry, "imgid": i, "split": split, "sentences": sentences,
+                        "sentids": [s["sentid"] for s in sentences]})
+    path = root / f"dataset_{dataset}.json"
+    path.write_text(json.dumps({"images": entries, "dataset": dataset}))
+    return path, images_root
+
+
+def write_coco_captions(root: Path, n_images: int, captions_per_image: int = 5) -> Path:
+    """COCO captions_val.json (ids 1..n) + root/val images; returns the JSON path."""
+    ids = [1 + 7 * i for i in range(n_images)]
+    return write_coco(root, {k: image_bytes(k) for k in ids},
+                      {k: [caption(i, j) for j in range(captions_per_image)] for i, k in enumerate(ids)})
+
+
+def imagenet_wnids(n_classes: int) -> list[str]:
+    """wnid-shaped ids in sorted order (n0144xxxx ...), one per class."""
+    return [f"n{1440764 + 1000 * k:08d}" for k in range(n_classes)]
+
+
+def write_imagenet_folders(root: Path, n_classes: int, per_class: int, size: int = 24,
+                           split: str = "train") -> tuple[Path, Path]:
+    """ImageNet layout ``root/<split>/<wnid>/<wnid>_<i>.JPEG`` + ``root/LOC_synset_mapping.txt``
+    (``n01440764 tench, Tinca tinca`` style: wnid, names from clip_benchmark's ImageNet list).
+    Returns (class-folder tree, mapping file)."""
+    names = imagenet_names()
+    tree = root / split
+    for label, wnid in enumerate(imagenet_wnids(n_classes)):
+        (tree / wnid).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (tree / wnid / f"{wnid}_{i}.JPEG").write_bytes(class_image(label, i, size))
+    mapping = root / "LOC_synset_mapping.txt"
+    mapping.write_text("".join(f"{w} {names[k]}, synonym {k}\n" for k, w in enumerate(imagenet_wnids(n_classes))))
+    return tree, mapping
+
+
+def _cifar_batch(labels: list[int], key: bytes, offset: int, label_name: str) -> dict:
+    data = np.stack([np.asarray(Image.open(io.BytesIO(class_image(l, offset + i, 32, "PNG"))))
+                     .transpose(2, 0, 1).reshape(-1) for i, l in enumerate(labels)])  # (N, 3072)
+    return {b"batch_label": label_name.encode(), key: labels, b"data": data.astype(np.uint8),
+            b"filenames": [f"image_{offset + i:05d}.png".encode() for i in range(len(labels))]}
+
+
+def _dump(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)  # the originals are python-2 pickles with bytes keys
+
+
+def write_cifar10(root: Path, per_batch: int = 10, test: int = 10) -> Path:
+    """``root/cifar-10-batches-py`` as the real archive extracts: data_batch_1..5, test_batch,
+    batches.meta. Label of image i in a batch: i % 10. Returns the folder."""
+    out = root / "cifar-10-batches-py"
+    out.mkdir(parents=True)
+    for b in range(1, 6):
+        labels = [(i + b) % 10 for i in range(per_batch)]
+        _dump(out / f"data_batch_{b}", _cifar_batch(labels, b"labels", b * 1000, f"training batch {b} of 5"))
+    _dump(out / "test_batch", _cifar_batch([i % 10 for i in range(test)], b"labels", 0, "testing batch 1 of 1"))
+    _dump(out / "batches.meta", {b"num_cases_per_batch": per_batch, b"label_names": [n.encode() for n in CIFAR10_NAMES],
+                                 b"num_vis": 3072})
+    return out
+
+
+def write_cifar100(root: Path, train: int = 20, test: int = 10) -> Path:
+    """``root/cifar-100-python``: train, test (fine_labels, coarse_labels), meta (fine/coarse names).
+    Fine names: the first 100 of clip_benchmark's ImageNet names stand in. Returns the folder."""
+    out = root / "cifar-100-python"
+    out.mkdir(parents=True)
+    fine = [n.replace(" ", "_") for n in imagenet_names()[:100]]
+    for split, n in (("train", train), ("test", test)):
+        labels = [(7 * i) % 100 for i in range(n)]
+        batch = _cifar_batch(labels, b"fine_labels", 0 if split == "test" else 5000, split)
+        batch[b"coarse_labels"] = [l // 5 for l in labels]
+        _dump(out / split, batch)
+    _dump(out / "meta", {b"fine_label_names": [f.encode() for f in fine],
+                         b"coarse_label_names": [f"superclass_{k}".encode() for k in range(20)]})
+    return out
+
+
+def write_text_corpus(path: Path, n_lines: int) -> Path:
+    """A plain-text corpus, one natural sentence per line (BookCorpus-style)."""
+    lines = [f"{caption(i).capitalize()} and then went home ." for i in range(n_lines)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_img2dataset(root: Path, n: int, failed: tuple[int, ...] = (), shard: int = 0,
+                      labels: bool = False) -> Path:
+    """One img2dataset output shard: ``<shard>.tar`` (webdataset TarWriter: .jpg, .txt, .json;
+    .cls when labels) + ``<shard>.parquet`` (pyarrow; every URL tried, failed ones with status
+    and error_message) + ``<shard>_stats.json``. Rows in ``failed`` have no tar sample."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    stem = f"{shard:05d}"
+    rows, samples = [], []
+    for i in range(n):
+        key = f"{shard:05d}{i:04d}"
+        ok = i not in failed
+        rows.append({"url": f"http://images.example.invalid/{key}.jpg", "caption": caption(shard * 1000 + i),
+                     "key": key, "status": "success" if ok else "failed_to_download",
+                     "error_message": None if ok else "HTTP Error 404: Not Found",
+                     "width": 24 if ok else None, "height": 24 if ok else None,
+                     "original_width": 48 if ok else None, "original_height": 48 if ok else None,
+                     "exif": None, "sha256": None})
+        if ok:
+            meta = {k: v for k, v in rows[-1].items()}
+            sample = {"__key__": key, "jpg": image_bytes(shard * 1000 + i), "txt": rows[-1]["caption"],
+                      "json": meta}
+            if labels:
+                sample["cls"] = i % 3
+            samples.append(sample)
+    write_webdataset(root / f"{stem}.tar", samples)
+    pq.write_table(pa.Table.from_pylist(rows), root / f"{stem}.parquet")
+    (root / f"{stem}_stats.json").write_text(json.dumps(
+        {"count": n, "successes": n - len(failed), "failed_to_download": len(failed)}))
+    return root
+
+
+def write_word_tokenizer(path: Path, texts: list[str] | None = None) -> Path:
+    """A word-level tokenizer.json (tokenizers library) covering ``texts`` (default: every word
+    the writers here produce). Specials: <|endoftext|> (EOS/PAD), <|image|>, <unk>, <mask>."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|image|>", "<unk>", "<mask>"]
+    norm, pre = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    words: set[str] = set()
+    for t in [*all_words(), *(texts or [])]:
+        words.update(p for p, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    vocab = {t: i for i, t in enumerate(specials)}
+    for w in sorted(words - set(specials)):
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = norm, pre
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path

@@ -178,7 +178,7 @@ def test_load_tokenizer_missing_path_names_the_fix(tmp_path: Path) -> None:
 def test_collator_shapes_padding_and_eos(train: list[Sample], tokenizer) -> None:
     collate = CaptionCollator(tokenizer, max_tokens=16)
     samples = train[:4]
-    samples[1] = Sample(samples[1].image, "a red circle", "short", {})  # force padding
+    samples[1] = Sample(samples[1].image, "a red circle", "short")  # force padding
     batch = collate(samples)
     assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.float32
     assert batch["images"].min() >= -1.0 and batch["images"].max() <= 1.0

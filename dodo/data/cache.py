@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from dodo import __version__
-from dodo.data.ingest import Item, Source, SourceError, open_source
+from dodo.data.ingest import SOURCE_KINDS, Item, Loaded, Source, SourceError, open_source
 from dodo.data.ingest.images import RESIZE_MODES, BadSample, check_caption, prepare, prepare_array
 from dodo.data.manifest import MANIFEST, REPORT, SHARDS, CacheError, Manifest, ShardInfo
 from dodo.data.store import SUFFIX, ShardWriter, checksum, shard_bytes, shard_name
@@ -39,7 +39,7 @@ BUILD = "build.json"
 
 @dataclass
 class CacheOptions:
-    source: str  # webdataset | coco | cc3m | folder | synthetic
+    source: str  # a name in dodo.data.ingest.SOURCES: webdataset | coco | karpathy | cifar | ...
     src: str
     out: str
     store: str = "hdf5"
@@ -52,8 +52,17 @@ class CacheOptions:
     num: int = 0  # synthetic: samples
     seed: int = 1234  # synthetic
     tokenizer: str = ""  # pre-tokenise captions with this tokenizer spec ("" = no)
+    # Added with labels and unimodal sources; left out of identity() at their defaults, so
+    # caches built before them still match their options.
+    split: str = ""  # karpathy: train|restval|val|test (comma list); cifar: train|test
+    classnames: str = ""  # folder / cifar / labels: a class-names file
+    block: int = 0  # text: cut the token stream into blocks of this many tokens (0: lines)
+    dataset: str = ""  # the manifest's dataset name when the source cannot tell (imagenet1k, ...)
 
     def check(self) -> None:
+        if self.source not in SOURCE_KINDS:
+            raise SourceError(f"--from {self.source!r} is not a source format; use one of "
+                              f"{', '.join(SOURCE_KINDS)}")
         if self.store not in SUFFIX:
             raise SourceError(f"--store {self.store!r}: use hdf5 or zarr")
         if self.encode not in ("jpeg", "raw"):
@@ -66,13 +75,24 @@ class CacheOptions:
             raise SourceError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         if self.workers < 0:
             raise SourceError(f"--workers must be >= 0, got {self.workers}")
+        if self.block < 0:
+            raise SourceError(f"--block must be >= 0, got {self.block}")
+        if self.block and not self.tokenizer:
+            raise SourceError("--block N cuts text into token blocks: give --tokenizer (a local "
+                              "tokenizer.json or folder) too")
 
     def identity(self) -> dict[str, Any]:
         """What a rerun must match to reuse finished shards (workers and out may differ)."""
         d = asdict(self)
         for k in ("workers", "out"):
             d.pop(k)
+        for k, default in _LATER_DEFAULTS.items():
+            if d[k] == default:
+                d.pop(k)
         return d
+
+
+_LATER_DEFAULTS: dict[str, Any] = {"split": "", "classnames": "", "block": 0, "dataset": ""}
 
 
 @dataclass
@@ -100,17 +120,27 @@ def build_shard(source: Source, opts: CacheOptions, index: int, items: list[Item
     final = shards / shard_name(index, opts.store)
     tmp = final.with_name(final.name + ".tmp")
     _remove(tmp)
-    writer = ShardWriter(tmp, opts.store, opts.encode, len(items), opts.image_size, opts.tokenizer)
+    writer = ShardWriter(tmp, opts.store, opts.encode, len(items), opts.image_size, opts.tokenizer,
+                         source.modality)
     bad: list[dict[str, str]] = []
     for item in items:
         try:
-            image, raw_captions = source.load(item)
-            captions = _good_captions(item, raw_captions, bad)
-            if isinstance(image, (bytes, bytearray)):
+            loaded = source.load(item)
+            loaded = loaded if isinstance(loaded, Loaded) else Loaded(*loaded)
+            if source.modality == "image":
+                captions = [""]  # one empty caption row per image: a sample is an image
+            else:
+                captions = _good_captions(item, loaded.captions, bad)
+            image = loaded.image
+            if source.modality == "text":
+                stored = None
+            elif isinstance(image, (bytes, bytearray)):
                 stored = prepare(bytes(image), opts.image_size, opts.resize, opts.encode)
             else:
                 stored = prepare_array(image, opts.image_size, opts.resize, opts.encode)
-            tokens = _tokenize(opts.tokenizer, captions) if opts.tokenizer else None
+            tokens = loaded.tokens
+            if tokens is None and opts.tokenizer and source.modality != "image":
+                tokens = _tokenize(opts.tokenizer, captions)
         except BadSample as b:
             bad.append({"key": item.key, "where": item.where, "reason": b.reason, "detail": b.detail})
             continue
@@ -118,7 +148,7 @@ def build_shard(source: Source, opts: CacheOptions, index: int, items: list[Item
             bad.append({"key": item.key, "where": item.where, "reason": "unreadable sample",
                         "detail": f"{type(err).__name__}: {err}"})
             continue
-        writer.add(item.key, stored, captions, tokens)
+        writer.add(item.key, stored, captions, tokens, loaded.label)
     writer.close({"source": source.kind, "shard": index, "dodo_version": __version__})
     info = ShardInfo(final.name, len(writer.keys), len(writer.captions), shard_bytes(tmp),
                      checksum(tmp), len(bad))
@@ -185,7 +215,8 @@ def build_cache(opts: CacheOptions, log: Callable[[str], None] = lambda m: print
     opts.check()
     out = Path(opts.out).expanduser()
     source = open_source(opts.source, opts.src, images=opts.images, num=opts.num, seed=opts.seed,
-                         image_size=opts.image_size)
+                         image_size=opts.image_size, split=opts.split, classnames=opts.classnames,
+                         block=opts.block, tokenizer=opts.tokenizer, dataset=opts.dataset)
     if (out / MANIFEST).exists():
         manifest = Manifest.load(out)
         if manifest.options != opts.identity():
@@ -257,11 +288,18 @@ def _finish(out: Path, opts: CacheOptions, source: Source, plan: list, results: 
         counts[b["reason"]] = counts.get(b["reason"], 0) + 1
     write_atomic(out / REPORT, "".join(json.dumps(b) + "\n" for b in bad))
     shards = [results[k].info for k in range(len(plan))]
+    meta = source.meta()
+    num_samples = sum(s.samples for s in shards)
+    num_captions = sum(s.captions for s in shards)
+    images = 0 if meta["modality"] == "text" else num_samples
     manifest = Manifest(store=opts.store, encode=opts.encode, image_size=opts.image_size,
                         source=source.describe(), options=opts.identity(), shards=shards,
-                        num_samples=sum(s.samples for s in shards),
-                        num_captions=sum(s.captions for s in shards),
-                        bad=dict(sorted(counts.items())), dodo_version=__version__)
+                        num_samples=num_samples, num_captions=num_captions,
+                        bad=dict(sorted(counts.items())), dodo_version=__version__,
+                        num_images=images,
+                        captions_per_image=(num_captions / images if images and meta["modality"] ==
+                                            "image_text" else 0.0),
+                        tokenizer=tokenizer_facts(opts.tokenizer) if opts.tokenizer else {}, **meta)
     if manifest.num_samples == 0:
         raise CacheError(f"every sample of {opts.src} was bad ({_counts(counts)}); see {out / REPORT}")
     manifest.save(out)
@@ -269,6 +307,24 @@ def _finish(out: Path, opts: CacheOptions, source: Source, plan: list, results: 
         f"{len(shards)} shards; skipped {len(bad)} bad samples" +
         (f" ({_counts(counts)}; listed in {out / REPORT})" if bad else ""))
     return manifest
+
+
+def tokenizer_facts(spec: str) -> dict[str, Any]:
+    """{name_or_path, vocab_size, sha256} of the tokenizer the stored token ids came from; the
+    sha256 is of its tokenizer.json, so a run can tell a changed file with the same name."""
+    import hashlib
+
+    from dodo.data.tokenizer import asset_path
+
+    tok = _TOKENIZERS.get(spec)
+    if tok is None:
+        from dodo.data.tokenizer import load_tokenizer
+        tok = _TOKENIZERS[spec] = load_tokenizer(spec)
+    path = asset_path() if spec.startswith("builtin:") else Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    return {"name_or_path": spec, "vocab_size": len(tok), "sha256": digest}
 
 
 def _counts(counts: dict[str, int]) -> str:

@@ -1,7 +1,10 @@
 """The cached dataset: a map-style dataset over a cache's shards, and `build_datasets`.
 
 Index ``i`` is the i-th (image, caption) pair of the cache in shard order: an image with five
-captions (COCO) is five samples, keyed ``<key>#0`` .. ``<key>#4``. Opening the dataset reads
+captions (COCO) is five samples, keyed ``<key>#0`` .. ``<key>#4``, sharing one ``image_id``
+(the image's global row in shard order) and the image's ``label``. An image-only cache gives
+one sample per image with caption ""; a text-only cache one sample per text with image None.
+Opening the dataset reads
 only the manifest (and, with ``verify="checksum"``, hashes the shards with plain file reads);
 no HDF5 / zarr handle is opened until the first ``__getitem__`` in each process, so building
 the dataset before a DataLoader forks its workers is safe.
@@ -23,8 +26,8 @@ import numpy as np
 import torch
 
 from dodo.data.manifest import CacheError, Manifest
+from dodo.data.sample import Sample
 from dodo.data.store import ShardReader
-from dodo.data.synthetic import Sample, caption_attributes
 
 # HDF5 consults this before taking file locks; a read-only cache on GPFS/Lustre needs none.
 # (Readers also pass locking=False; the variable covers HDF5 builds where that is ignored.)
@@ -43,15 +46,45 @@ class CachedDataset(torch.utils.data.Dataset):
         self.readers = [ShardReader(m.shard_path(self.root, s), m.store) for s in m.shards]  # type: ignore[arg-type]
         # offsets[k] = index of shard k's first caption; the last entry is the total.
         self.offsets = np.concatenate([[0], np.cumsum([s.captions for s in m.shards])]).tolist()
+        # rows[k] = global index of shard k's first sample row (= image id in image caches).
+        self.rows = np.concatenate([[0], np.cumsum([s.samples for s in m.shards])]).tolist()
         total = self.offsets[-1]
         stop = total if stop is None else stop
         if not 0 <= start < stop <= total:
             raise CacheError(f"samples [{start}, {stop}) are outside cache {self.root} of {total} samples")
-        self.start, self.stop, self.with_attrs = start, stop, with_attrs
+        self.start, self.stop = start, stop
+        # Shapes attributes are parsed for synthetic caches only: nothing else knows them.
+        self.with_attrs = with_attrs and m.synthetic
 
     @property
     def image_size(self) -> int:
         return self.manifest.image_size
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.manifest.classnames)
+
+    def image_ids(self) -> np.ndarray:
+        """(len(self),) int64: the image id of every sample, without decoding any image."""
+        out = np.empty(len(self), np.int64)
+        for k, reader in enumerate(self.readers):
+            lo, hi = max(self.offsets[k], self.start), min(self.offsets[k + 1], self.stop)
+            if lo < hi:
+                reader.open()
+                ci = reader.caption_image[lo - self.offsets[k]:hi - self.offsets[k]]
+                out[lo - self.start:hi - self.start] = ci.astype(np.int64) + self.rows[k]
+        return out if self.manifest.modality != "text" else np.full(len(self), -1, np.int64)
+
+    def labels(self) -> np.ndarray:
+        """(len(self),) int64: the class label of every sample (-1 without labels)."""
+        out = np.empty(len(self), np.int64)
+        for k, reader in enumerate(self.readers):
+            lo, hi = max(self.offsets[k], self.start), min(self.offsets[k + 1], self.stop)
+            if lo < hi:
+                reader.open()
+                ci = reader.caption_image[lo - self.offsets[k]:hi - self.offsets[k]]
+                out[lo - self.start:hi - self.start] = reader.labels[ci]
+        return out
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -77,8 +110,15 @@ class CachedDataset(torch.utils.data.Dataset):
         last = int(np.searchsorted(reader.caption_image, row, side="right"))
         if last - first > 1:
             key = f"{key}#{j - first}"
-        attrs = {k: v for k, v in caption_attributes(caption).items() if v} if self.with_attrs else {}
-        return Sample(image=reader.image(row), caption=caption, key=key, attrs=attrs)
+        attrs: dict[str, str] = {}
+        if self.with_attrs:  # synthetic caches only (imported here: real data never loads it)
+            from dodo.data.synthetic import caption_attributes
+            attrs = {k: v for k, v in caption_attributes(caption).items() if v}
+        text = self.manifest.modality == "text"
+        tokens = np.asarray(reader.tokens[j], np.int32) if reader.tokens is not None else None
+        return Sample(image=reader.image(row), caption=caption, key=key,
+                      image_id=-1 if text else self.rows[shard] + row, label=int(reader.labels[row]),
+                      attrs=attrs, tokens=tokens)
 
     def close(self) -> None:
         for r in self.readers:
@@ -89,9 +129,9 @@ class CachedDataset(torch.utils.data.Dataset):
 
 def build_datasets(cfg) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     """(train, eval) datasets for a DataConfig: synthetic in memory, or an HDF5 / zarr cache."""
-    from dodo.data.synthetic import SyntheticShapes
-
     if cfg.kind == "synthetic":
+        from dodo.data.synthetic import SyntheticShapes
+
         return (SyntheticShapes("train", cfg.num_train, cfg.image_size, cfg.seed),
                 SyntheticShapes("eval", cfg.num_eval, cfg.image_size, cfg.seed))
     caches = {"train": cfg.train_cache, "eval": cfg.eval_cache}

@@ -19,6 +19,7 @@ from dodo.rundir import write_json_atomic
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+MODALITIES: tuple[str, ...] = ("image_text", "image", "text")
 REPORT = "bad_samples.jsonl"
 FORMAT = "dodo-cache"
 
@@ -51,6 +52,38 @@ class Manifest:
     dodo_version: str = ""
     format: str = FORMAT
     version: int = 1
+    # What the data can feed (docs/data.md "What a cache can feed"). Every field has a default
+    # so caches written before these existed still load; __post_init__ fills what it can.
+    modality: str = "image_text"  # "image_text" | "image" | "text"
+    num_images: int = 0  # distinct images (text caches: 0)
+    captions_per_image: float = 0.0  # mean; COCO / Flickr30k ~5
+    has_labels: bool = False
+    classnames: list[str] = field(default_factory=list)  # label -> human-readable class name
+    class_ids: list[str] = field(default_factory=list)  # label -> source id (wnid, folder name, index)
+    dataset: str = ""  # "coco", "flickr30k", "cifar10", "imagenet1k", ... ("" unknown)
+    split: str = ""  # "train" | "val" | "test" | "restval" | ... when the source has splits
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # name_or_path, vocab_size, sha256
+    synthetic: bool = False  # built from the synthetic shapes generator
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise KeyError(f"modality {self.modality!r}")
+        if not self.num_images and self.modality != "text":
+            self.num_images = self.num_samples  # old caches: one shard row is one image
+        if not self.captions_per_image and self.num_images and self.modality == "image_text":
+            self.captions_per_image = self.num_captions / self.num_images
+        if self.source.get("kind") == "synthetic":
+            self.synthetic = True
+
+    def feeds(self) -> dict[str, Any]:
+        """What this cache can feed an evaluation suite or a task (torch-free; submit-time checks)."""
+        return {"modality": self.modality, "images": self.modality != "text",
+                "captions": self.modality != "image", "labels": self.has_labels,
+                "classnames": bool(self.classnames), "num_classes": len(self.classnames or self.class_ids),
+                "image_ids": self.modality != "text", "captions_per_image": self.captions_per_image,
+                "multi_caption": self.captions_per_image > 1.0, "synthetic": self.synthetic,
+                "tokens": bool(self.tokenizer), "dataset": self.dataset, "split": self.split,
+                "num_images": self.num_images, "num_samples": self.num_captions}
 
     def save(self, root: Path) -> None:
         write_json_atomic(root / MANIFEST, asdict(self))
@@ -71,7 +104,8 @@ class Manifest:
             if data.get("format") != FORMAT:
                 raise KeyError("format")
             data["shards"] = [ShardInfo(**s) for s in data["shards"]]
-            return cls(**data)
+            known = set(cls.__dataclass_fields__)
+            return cls(**{k: v for k, v in data.items() if k in known})  # newer keys: ignored
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CacheError(f"{path} is not a dodo cache manifest ({err}); rebuild the cache") from None
 
@@ -95,3 +129,13 @@ class Manifest:
             raise CacheError(f"data cache {root} is damaged: " + "; ".join(problems) +
                              ". Rebuild it: rerun `dodo data cache` with the same options after deleting "
                              "the damaged shards (finished shards are kept)")
+
+
+def describe(path: str | Path) -> Manifest:
+    """The manifest of the cache at ``path``: what it holds and can feed (see ``Manifest.feeds``).
+
+    Reads manifest.json only (no shard, no torch): this is what ``dodo submit`` consults to
+    refuse an evaluation suite the data cannot feed. Raises CacheError for a missing or
+    incomplete cache.
+    """
+    return Manifest.load(Path(path).expanduser())

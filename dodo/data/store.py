@@ -6,10 +6,14 @@ A shard holds ``n`` samples and ``m >= n`` captions (COCO has several per image)
                   ``image_bytes`` + ``image_offsets`` (n + 1,) int64 (a slice per sample: faster
                   than an HDF5 vlen dataset, whose per-element heap costs ~70 us a read)
                   raw:  (n, H, W, 3) uint8, contiguous (HDF5) / one chunk per sample (zarr)
+                  text-only shards (attr ``modality: text``) hold no image arrays
     keys          (n,) UTF-8 strings, unique within the cache
-    captions      (m,) UTF-8 strings
+    labels        (n,) int32 class index per sample row, -1 without labels (absent in old shards)
+    captions      (m,) UTF-8 strings ("" once per image in an image-only shard)
     caption_image (m,) int32: the sample row each caption belongs to
     tokens        optional (m,) variable-length int32: captions pre-tokenised (attr ``tokenizer``)
+
+A sample row's global image id is its index in shard order (shard k's rows follow shard k-1's).
 
 Readers open lazily: nothing is opened until the first read, and a reader that finds itself in
 another process than the one that opened it (a forked DataLoader worker) opens its own handle,
@@ -79,19 +83,23 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, store: StoreKind, encode: Encode, capacity: int,
-                 image_size: int, tokenizer: str = "") -> None:
-        if encode == "raw" and image_size <= 0:
+                 image_size: int, tokenizer: str = "", modality: str = "image_text") -> None:
+        if encode == "raw" and image_size <= 0 and modality != "text":
             raise ValueError("--encode raw needs a fixed --image-size")
         self.path, self.store, self.encode = path, store, encode
-        self.image_size, self.tokenizer = image_size, tokenizer
+        self.image_size, self.tokenizer, self.modality = image_size, tokenizer, modality
+        self.has_images = modality != "text"
         self.keys: list[str] = []
+        self.labels: list[int] = []
         self.captions: list[str] = []
         self.caption_image: list[int] = []
         self.tokens: list[np.ndarray] = []
         self.jpegs: list[bytes] = []
         self.raw: Optional[np.ndarray] = None
         self._h5 = None
-        if store == "hdf5" and encode == "raw":
+        if not self.has_images:
+            pass
+        elif store == "hdf5" and encode == "raw":
             import h5py
             self._h5 = h5py.File(path, "w", track_order=True)
             self.raw = self._h5.create_dataset(
@@ -100,14 +108,17 @@ class ShardWriter:
         elif encode == "raw":
             self.raw = np.zeros((capacity, image_size, image_size, 3), np.uint8)
 
-    def add(self, key: str, image: bytes | np.ndarray, captions: Sequence[str],
-            tokens: Optional[Sequence[Sequence[int]]] = None) -> None:
+    def add(self, key: str, image: bytes | np.ndarray | None, captions: Sequence[str],
+            tokens: Optional[Sequence[Sequence[int]]] = None, label: int = -1) -> None:
         row = len(self.keys)
-        if self.encode == "raw":
+        if not self.has_images:
+            pass
+        elif self.encode == "raw":
             self.raw[row] = image
         else:
             self.jpegs.append(bytes(image))
         self.keys.append(key)
+        self.labels.append(int(label))
         for j, caption in enumerate(captions):
             self.captions.append(caption)
             self.caption_image.append(row)
@@ -118,7 +129,7 @@ class ShardWriter:
         n = len(self.keys)
         attrs = {**attrs, "format_version": FORMAT_VERSION, "num_samples": n,
                  "num_captions": len(self.captions), "encode": self.encode,
-                 "image_size": self.image_size, "tokenizer": self.tokenizer}
+                 "image_size": self.image_size, "tokenizer": self.tokenizer, "modality": self.modality}
         if self.store == "hdf5":
             self._close_hdf5(attrs)
         else:
@@ -130,7 +141,7 @@ class ShardWriter:
         f = self._h5 if self._h5 is not None else h5py.File(self.path, "w", track_order=True)
         try:
             kw = dict(track_times=False)
-            if self.encode == "jpeg":
+            if self.has_images and self.encode == "jpeg":
                 flat, offsets = _flatten(self.jpegs)
                 f.create_dataset("image_bytes", data=flat, **kw)
                 f.create_dataset("image_offsets", data=offsets, **kw)
@@ -138,6 +149,7 @@ class ShardWriter:
             f.create_dataset("keys", data=np.array(self.keys, dtype=object), dtype=text, **kw)
             f.create_dataset("captions", data=np.array(self.captions, dtype=object), dtype=text, **kw)
             f.create_dataset("caption_image", data=np.array(self.caption_image, np.int32), **kw)
+            f.create_dataset("labels", data=np.array(self.labels, np.int32), **kw)
             if self.tokens:
                 tok = f.create_dataset("tokens", shape=(len(self.tokens),),
                                        dtype=h5py.vlen_dtype(np.int32), **kw)
@@ -152,7 +164,9 @@ class ShardWriter:
 
         n = len(self.keys)
         g = zarr.open_group(str(self.path), mode="w", zarr_format=3)
-        if self.encode == "raw":
+        if not self.has_images:
+            pass
+        elif self.encode == "raw":
             s = self.image_size
             a = g.create_array("images", shape=(n, s, s, 3), dtype="uint8", chunks=(1, s, s, 3),
                                shards=(max(n, 1), s, s, 3), compressors=None)
@@ -170,6 +184,7 @@ class ShardWriter:
                                  chunks=(max(len(values), 1),))
             arr[:] = np.array(values, dtype=object)
         g.create_array("caption_image", data=np.array(self.caption_image, np.int32))
+        g.create_array("labels", data=np.array(self.labels, np.int32))
         if self.tokens:
             lengths = np.array([len(t) for t in self.tokens], np.int64)
             offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -203,7 +218,9 @@ class ShardReader:
         self.captions: list[str] = []
         self.caption_image: np.ndarray = np.zeros(0, np.int32)
         self.tokens: Optional[list[np.ndarray]] = None
+        self.labels: np.ndarray = np.zeros(0, np.int32)
         self.encode: str = "jpeg"
+        self.has_images = True
         self._images = None
         self._offsets: Optional[np.ndarray] = None
         self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -237,12 +254,16 @@ class ShardReader:
         f = h5py.File(self.path, "r", locking=False)
         self._handle = f
         self.encode = str(f.attrs["encode"])
-        if self.encode == "raw":
+        self.has_images = str(f.attrs.get("modality", "image_text")) != "text"
+        if not self.has_images:
+            pass
+        elif self.encode == "raw":
             self._images = self._mapped(f["images"])
         else:
             self._images = self._mapped(f["image_bytes"])
             self._offsets = f["image_offsets"][:]
         self.keys = [k.decode() if isinstance(k, bytes) else k for k in f["keys"][:]]
+        self.labels = f["labels"][:] if "labels" in f else np.full(len(self.keys), -1, np.int32)
         self.captions = [c.decode() if isinstance(c, bytes) else c for c in f["captions"][:]]
         self.caption_image = f["caption_image"][:]
         self.tokens = list(f["tokens"][:]) if "tokens" in f else None
@@ -266,12 +287,16 @@ class ShardReader:
         g = zarr.open_group(str(self.path), mode="r")
         self._handle = g
         self.encode = str(g.attrs["encode"])
-        if self.encode == "raw":
+        self.has_images = str(g.attrs.get("modality", "image_text")) != "text"
+        if not self.has_images:
+            pass
+        elif self.encode == "raw":
             self._images = g["images"]
         else:
             self._images = g["image_bytes"]
             self._offsets = g["image_offsets"][:]
         self.keys = [str(k) for k in g["keys"][:]]
+        self.labels = g["labels"][:] if "labels" in g else np.full(len(self.keys), -1, np.int32)
         self.captions = [str(c) for c in g["captions"][:]]
         self.caption_image = g["caption_image"][:]
         if "token_ids" in g:
@@ -320,8 +345,11 @@ class ShardReader:
         flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return flat[lo - first * size:hi - first * size]
 
-    def image(self, row: int) -> np.ndarray:
-        """One decoded image, (H, W, 3) uint8."""
+    def image(self, row: int) -> Optional[np.ndarray]:
+        """One decoded image, (H, W, 3) uint8; None in a text-only shard."""
+        self.open()
+        if not self.has_images:
+            return None
         data = self.encoded(row)
         if self.encode == "raw":
             return np.array(data)  # a writable copy, never a view of the map

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from dodo.data.sample import Sample  # re-exported: old imports keep working
 
 # RGB values chosen to be told apart at a glance and by their dominant channel.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -48,14 +49,6 @@ _SPLIT_IDS: dict[str, int] = {"train": 0, "eval": 1}
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges at 32x32
 _SIZE_JITTER = 0.05  # relative jitter of the diameter
 _POS_JITTER = 0.02  # jitter of the centre, as a fraction of the image side
-
-
-@dataclass
-class Sample:
-    image: np.ndarray  # (H, W, 3) uint8
-    caption: str
-    key: str  # e.g. "train-000123"; unique within a dataset
-    attrs: dict[str, str] = field(default_factory=dict)  # colour, shape, size, position
 
 
 def attribute_words() -> dict[str, tuple[str, ...]]:
@@ -175,4 +168,4 @@ class SyntheticShapes:
         attrs = {name: words[name][int(rng.integers(len(words[name])))] for name in ATTRIBUTES}
         image = render(attrs, self.image_size, rng)
         return Sample(image=image, caption=make_caption(attrs), key=f"{self.split}-{i:06d}",
-                      attrs=attrs)
+                      image_id=i, label=-1, attrs=attrs)

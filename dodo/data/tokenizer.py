@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from dodo.data.synthetic import all_captions
 
 BUILTIN_SYNTHETIC = "builtin:synthetic"
 EOS_TOKEN = "<|endoftext|>"  # EOS and PAD, as in GPT-2
@@ -41,7 +40,9 @@ def build_synthetic_tokenizer(captions: Optional[Sequence[str]] = None) -> Token
 
     Deterministic: special tokens take ids 0..2, then the lowercased words in sorted order.
     """
-    captions = all_captions() if captions is None else captions
+    if captions is None:  # imported here: a run on real data never imports the generator
+        from dodo.data.synthetic import all_captions
+        captions = all_captions()
     normalizer = normalizers.Lowercase()
     pre_tokenizer = pre_tokenizers.Whitespace()
     words: set[str] = set()

@@ -5,10 +5,15 @@ then loads each one in a worker (``load``). The cache builder cuts the item list
 of a fixed number of items, so a shard's content is a pure function of the source and the
 options: that is what lets ``dodo data cache`` resume by redoing only unfinished shards.
 
-``load`` returns ``(image, captions)`` where ``image`` is encoded bytes (any format PIL reads)
-or an (H, W, 3) uint8 array, and ``captions`` a list of str or bytes; it raises
+``load`` returns a :class:`Loaded` (or a plain ``(image, captions)`` tuple): ``image`` is
+encoded bytes (any format PIL reads), an (H, W, 3) uint8 array, or None for a text source;
+``captions`` a list of str or bytes (empty for an image-only source); ``label`` the class
+index (-1 none); ``tokens`` token ids the source cut itself (text blocks). It raises
 :class:`BadSample` for a sample to skip. Listing-level problems (an unreadable tar member)
 go to ``source.listing_bad`` as ``(key, where, reason, detail)``.
+
+After ``items()`` a source knows its manifest facts (``meta()``): modality, dataset name,
+split, class names and class ids. Sources register by name in ``SOURCES``.
 """
 
 from __future__ import annotations
@@ -16,13 +21,24 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from dodo.data.ingest.images import BadSample
 
-SOURCE_KINDS: tuple[str, ...] = ("webdataset", "coco", "cc3m", "folder", "synthetic")
+# --from NAME -> "module:class" (imported only when used)
+SOURCES: dict[str, str] = {
+    "webdataset": "dodo.data.ingest.webdataset:WebDatasetSource",
+    "coco": "dodo.data.ingest.coco:CocoSource",
+    "karpathy": "dodo.data.ingest.karpathy:KarpathySource",
+    "cc3m": "dodo.data.ingest.cc3m:CC3MSource",
+    "folder": "dodo.data.ingest.folder:FolderSource",
+    "cifar": "dodo.data.ingest.cifar:CifarSource",
+    "text": "dodo.data.ingest.text:TextSource",
+    "synthetic": "dodo.data.ingest.synthetic:SyntheticSource",
+}
+SOURCE_KINDS: tuple[str, ...] = tuple(SOURCES)
 
 
 class SourceError(ValueError):
@@ -36,14 +52,29 @@ class Item:
     payload: Any  # picklable, source-specific
 
 
+class Loaded(NamedTuple):
+    image: Any  # encoded bytes | (H, W, 3) uint8 | None (text)
+    captions: list  # str | bytes; [] for an image-only source
+    label: int = -1
+    tokens: Optional[Sequence[Sequence[int]]] = None  # per caption, when the source tokenised
+
+
 class Source(abc.ABC):
     kind: str = ""
+    modality: str = "image_text"  # "image_text" | "image" | "text"
 
     def __init__(self, src: str, images: Optional[str] = None, num: int = 0, seed: int = 1234,
-                 image_size: int = 0) -> None:
+                 image_size: int = 0, split: str = "", classnames: str = "", block: int = 0,
+                 tokenizer: str = "", dataset: str = "") -> None:
         self.src, self.images_dir, self.num, self.seed = src, images, num, seed
         self.image_size = image_size
+        self.split, self.classnames_file, self.block = split, classnames, block
+        self.tokenizer, self.dataset = tokenizer, dataset
         self.listing_bad: list[tuple[str, str, str, str]] = []
+        # Filled by items() where the source has classes: label -> name / source id.
+        self.classnames: list[str] = []
+        self.class_ids: list[str] = []
+        self.has_labels = False
 
     @abc.abstractmethod
     def items(self) -> list[Item]:
@@ -56,21 +87,28 @@ class Source(abc.ABC):
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": self.src, "images": self.images_dir}
 
+    def meta(self) -> dict[str, Any]:
+        """Manifest facts known after ``items()`` (see dodo.data.manifest.Manifest)."""
+        return {"modality": self.modality, "dataset": self.dataset, "split": self.split,
+                "has_labels": self.has_labels, "classnames": list(self.classnames),
+                "class_ids": list(self.class_ids), "synthetic": False}
+
 
 def open_source(kind: str, src: str, **options: Any) -> Source:
-    if kind == "webdataset":
-        from dodo.data.ingest.webdataset import WebDatasetSource as cls
-    elif kind == "coco":
-        from dodo.data.ingest.coco import CocoSource as cls
-    elif kind == "cc3m":
-        from dodo.data.ingest.cc3m import CC3MSource as cls
-    elif kind == "folder":
-        from dodo.data.ingest.folder import FolderSource as cls
-    elif kind == "synthetic":
-        from dodo.data.ingest.synthetic import SyntheticSource as cls
-    else:
+    if kind not in SOURCES:
         raise SourceError(f"--from {kind!r} is not a source format; use one of {', '.join(SOURCE_KINDS)}")
-    return cls(src, **options)
+    import importlib
+
+    module, name = SOURCES[kind].split(":")
+    return getattr(importlib.import_module(module), name)(src, **options)
+
+
+def guess_split(name: str) -> str:
+    """train / val / test from a file name (captions_val2017.json, Train_GCC-training.tsv), or ""."""
+    import re
+
+    found = re.search(r"(train|val|test)", name.lower())
+    return found.group(1) if found else ""
 
 
 def read_file(path: Path) -> bytes:
@@ -94,4 +132,4 @@ def require_path(src: str, what: str, want_dir: bool = False) -> Path:
     return path
 
 
-__all__ = ["BadSample", "Item", "Source", "SourceError", "SOURCE_KINDS", "open_source"]
+__all__ = ["BadSample", "Item", "Loaded", "Source", "SourceError", "SOURCES", "SOURCE_KINDS", "open_source"]

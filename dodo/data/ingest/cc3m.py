@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dodo.data.ingest import Item, Source, SourceError, read_file, require_path
+from dodo.data.ingest import Item, Source, SourceError, guess_split, read_file, require_path
 from dodo.data.ingest.folder import IMAGE_SUFFIXES
 
 
@@ -40,6 +40,8 @@ class CC3MSource(Source):
         folder = (require_path(self.images_dir, "--images folder", want_dir=True)
                   if self.images_dir else tsv.parent)
         files = scan_images(folder)
+        self.dataset = self.dataset or "cc3m"
+        self.split = self.split or guess_split(tsv.name)
         items = []
         try:
             with open(tsv, newline="", encoding="utf-8", errors="surrogateescape") as f:

@@ -1,6 +1,7 @@
 """COCO captions: ``captions_*.json`` (images + annotations) and the image folder.
 
-Every caption of an image is kept (COCO has about five). SRC is the JSON; ``--images`` the
+Every caption of an image is kept (COCO has about five); all captions of an image share its
+image id in the cache. SRC is the JSON; ``--images`` the
 folder (default: ``<json dir>/../<split>`` for ``annotations/captions_<split>.json``, else the
 JSON's own folder).
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dodo.data.ingest import Item, Source, SourceError, read_file, require_path
+from dodo.data.ingest import Item, Source, SourceError, guess_split, read_file, require_path
 
 
 class CocoSource(Source):
@@ -36,6 +37,8 @@ class CocoSource(Source):
             raise SourceError(f"{ann} is not a COCO captions JSON: it needs top-level 'images' and "
                               "'annotations' lists") from None
         folder = self._images_dir(ann)
+        self.dataset = self.dataset or "coco"
+        self.split = self.split or guess_split(ann.stem)
         captions: dict[int, list] = {}
         for a in annotations:
             if "image_id" not in a:

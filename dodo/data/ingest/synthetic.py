@@ -34,6 +34,9 @@ class SyntheticSource(Source):
         sample = self._ds[item.payload]
         return sample.image, [sample.caption]
 
+    def meta(self) -> dict:
+        return {**super().meta(), "dataset": "shapes", "split": self.src, "synthetic": True}
+
     def describe(self) -> dict:
         return {"kind": self.kind, "split": self.src, "num": self.num, "seed": self.seed,
                 "image_size": self.image_size}
