@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dodo.config.errors import ConfigError
-
-EXIT_USAGE = 2
+from dodo.exitcodes import EXIT_INTERRUPTED, EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,21 +107,61 @@ def _data_parser(sub) -> None:
     dv.add_argument("cache")
 
 
+MAX_MESSAGE = 600  # characters of one error line, however large the input that caused it
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """argparse, with key=value overrides accepted before or after the flags: argparse stops
+    filling the `overrides` positional at the first flag, so what follows comes back unparsed."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {_cut(' '.join(stray), 200)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def expected_error(err: BaseException) -> bool:
+    """Errors that are the user's to fix (bad input, a damaged cache, a refused resume): one line.
+
+    Classes of heavy modules are looked up only where that module was imported, so that this
+    stays torch-free; anything else is a bug and keeps its traceback.
+    """
+    if isinstance(err, (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return True
+    for module, name in (("dodo.data.manifest", "CacheError"), ("dodo.data.ingest", "SourceError"),
+                         ("dodo.train.checkpoint", "CheckpointError"), ("dodo.cluster.env", "DistEnvError"),
+                         ("dodo.cluster.backend", "BackendError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(err, cls):
+            return True
+    return False
+
+
+def _cut(text: str, limit: int = MAX_MESSAGE) -> str:
+    text = " ".join(str(text).split())  # one line: a message quoting a multi-line output stays one
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return {"submit": cmd_submit, "run": cmd_run, "status": cmd_status, "logs": cmd_logs,
                 "cancel": cmd_cancel, "data": cmd_data, "eval": cmd_eval,
                 "sweep": cmd_sweep, "table": cmd_table, "upcycle": cmd_upcycle}[args.command](args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"dodo: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - sorted into expected (one line) and bugs (traceback)
+        if not expected_error(err):
+            raise
+        print(f"dodo: error: {_cut(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def cmd_upcycle(args: argparse.Namespace) -> int:
-    from dodo.moe.upcycle import create_upcycled_run
+    from dodo.train.init_from import create_upcycled_run
 
     if args.experts < 1:
         raise ConfigError(f"--experts must be >= 1, got {args.experts}")
@@ -145,9 +184,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     changes: list[str] = []
     if resume:
         run = RunDir.open(args.job)
-        cfg = load_job(run.config)
-        if args.overrides:
-            cfg, changes = _resume_overrides(args.job, run.config, cfg, args.overrides)
+        cfg, changes = _resume_config(args.job, run, args.overrides)
         if args.cluster not in (None, "auto", cfg.cluster.profile):
             raise ConfigError(f"{args.job} is a run directory of cluster profile "
                               f"{cfg.cluster.profile or cfg.cluster.backend!r}; its config is fixed, so "
@@ -171,6 +208,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _print_dry_run(cfg, backend, dump_config(cfg), missing)
     if missing:
         raise ConfigError(f"{args.job}: {missing[0]}")
+    _check_caches(cfg)
     try:
         backend.preflight(cfg)  # e.g. sbatch missing: refuse before writing anything
     except BackendError as err:
@@ -178,15 +216,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not resume:
         run = RunDir.create(cfg.runs_dir, cfg.name, dump_config(cfg))
     else:
-        (run.job / "cancelled").unlink(missing_ok=True)  # resuming a cancelled run: go on
-        if changes:
-            from dodo.rundir import write_atomic
+        from dodo.config.resume import record_overrides
 
-            write_atomic(run.config, dump_config(cfg))
-            note = f"resume at {time.strftime('%Y-%m-%d %H:%M:%S')}: {', '.join(changes)}"
-            with open(run.job / "config_changes.log", "a") as f:
-                f.write(note + "\n")
-            print(f"dodo: {run.path}/config.yaml changed for this resume: {', '.join(changes)}", flush=True)
+        (run.job / "cancelled").unlink(missing_ok=True)  # resuming a cancelled run: go on
+        # Kept apart from config.yaml until the ranks have accepted them (dodo/config/resume.py).
+        record = record_overrides(run, args.overrides, changes)
+        if record is not None:
+            print(f"dodo: overrides for this resume recorded in {record} ({', '.join(changes) or 'no change'}); "
+                  "config.yaml takes them once the ranks have loaded the checkpoint", flush=True)
     try:
         record, code = backend.submit(run, cfg, foreground=not args.detach)
     except BackendError as err:
@@ -200,32 +237,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return code
 
 
-RESUME_KEYS = ("cluster.*", "train.micro_batch", "train.grad_accum")
-
-
-def _resume_overrides(run_dir: str, config: Path, old, overrides: Sequence[str]):
-    """Overrides on a run directory: only how it runs (cluster.*, train.micro_batch,
-    train.grad_accum) may change, and the global batch may not. Returns (new config, changes)."""
+def _resume_config(run_dir: str, run, overrides: Sequence[str]):
+    """The config a resume would run, and what changes; every check that can refuse the resume
+    runs here, before anything is written (dodo/config/resume.py). Returns (config, changes)."""
     from dodo.config.loader import config_to_dict, load_job
+    from dodo.config.resume import check_resume, check_resume_keys
+    from dodo.train.checkpoint_index import latest
 
-    keys = [o.split("=", 1)[0].strip() for o in overrides]
-    bad = [k for k in keys if not (k.startswith("cluster.") or k in RESUME_KEYS)]
-    if bad:
-        raise ConfigError(f"{run_dir} is a run directory: its config is fixed, so {', '.join(bad)} cannot "
-                          f"change on resume; allowed there: {', '.join(RESUME_KEYS)} (e.g. to resume on "
-                          f"another number of ranks); anything else needs a new run from a job file")
-    new = load_job(config, overrides)
-
-    def batch(c) -> tuple[int, str]:
-        t, w = c.train, c.cluster.world_size
-        return t.micro_batch * t.grad_accum * w, f"{t.micro_batch} x {t.grad_accum} x {w}"
-
-    (was, was_text), (now, now_text) = batch(old), batch(new)
-    if was != now:
-        raise ConfigError(f"{run_dir}: resuming with {' '.join(overrides)} changes the global batch "
-                          f"train.micro_batch x train.grad_accum x ranks (cluster.nodes x cluster.tasks_per_node) "
-                          f"from {was_text} = {was} to {now_text} = {now}; keep it {was} (e.g. scale "
-                          f"train.grad_accum or train.micro_batch) so the sample order stays the same")
+    check_resume_keys(run_dir, overrides)  # before parsing them: the message names the rule
+    old = load_job(run.config)
+    new = load_job(run.config, overrides) if overrides else old
+    ckpt = latest(run)
+    check_resume(run_dir, old, new, overrides, ckpt.world_size if ckpt else None)
 
     def flat(d, prefix=""):
         for k, v in d.items():
@@ -237,6 +260,29 @@ def _resume_overrides(run_dir: str, config: Path, old, overrides: Sequence[str])
     before = dict(flat(config_to_dict(old)))
     changes = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in flat(config_to_dict(new)) if before.get(k) != v]
     return new, changes
+
+
+def _check_caches(cfg) -> None:
+    """A missing or damaged data cache is refused here, not as a rank's traceback later.
+
+    Checked at the run's own data.verify level: "checksum" (the default) hashes every shard, as
+    the ranks will; "size" only compares sizes and does NOT notice flipped bytes (for multi-TB
+    caches, after one `dodo data verify`); "none" skips it.
+    """
+    d = cfg.data
+    if d.kind == "synthetic":
+        return
+    from dodo.data.manifest import CacheError, Manifest
+
+    for key in ("train_cache", "eval_cache"):
+        path = getattr(d, key)
+        if not path or (d.synthetic_on_first_use and not Path(path).exists()):
+            continue  # "" = held out of train_cache; synthetic_on_first_use builds it in the run
+        try:
+            root = Path(path).expanduser()
+            Manifest.load(root).verify(root, d.verify)
+        except CacheError as err:
+            raise ConfigError(f"data.{key}={path!r}: {err}") from None
 
 
 def _remove_empty(*folders: Path) -> None:
