@@ -24,6 +24,11 @@ class DataConfig:
     image_size: int = 32
     max_caption_tokens: int = 16
     num_workers: int = 0
+    # Batches each DataLoader worker keeps queued (torch's prefetch_factor; 0 = torch's default).
+    prefetch_factor: int = 2
+    # JPEG decoder for jpeg caches (dodo/data/decode.py): auto = simplejpeg / PyTurboJPEG when
+    # installed, else PIL with draft-mode DCT downscaling (pil_draft); pil = plain PIL.
+    decoder: Literal["auto", "pil", "pil_draft", "simplejpeg", "turbojpeg"] = "auto"
     # hdf5 / zarr: cache directories (relative paths: from where `dodo submit` ran)
     train_cache: str = ""
     eval_cache: str = ""
@@ -44,6 +49,12 @@ class DataConfig:
                      "samples_per_shard", "shuffle_block", "shuffle_window"):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.prefetch_factor >= 0, "prefetch_factor", f"must be >= 0, got {self.prefetch_factor}")
+        if self.decoder not in ("auto", "pil", "pil_draft"):
+            from dodo.data.decode import available  # torch-free; the decoder must be importable
+            check(self.decoder in available(), "decoder",
+                  f"{self.decoder} is not installed here (installed: {', '.join(available())}); "
+                  "pip install it or set data.decoder=auto")
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         if self.kind != "synthetic":
             check(bool(self.train_cache), "train_cache",

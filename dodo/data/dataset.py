@@ -38,12 +38,14 @@ class CachedDataset(torch.utils.data.Dataset):
     """Samples ``[start, stop)`` of the cache at ``root``; ``__getitem__`` returns a Sample."""
 
     def __init__(self, root: str | Path, verify: str = "checksum", start: int = 0,
-                 stop: Optional[int] = None, with_attrs: bool = False) -> None:
+                 stop: Optional[int] = None, with_attrs: bool = False, decoder: str = "auto") -> None:
         self.root = Path(root).expanduser()
         self.manifest = Manifest.load(self.root)
         self.manifest.verify(self.root, verify)  # type: ignore[arg-type]
         m = self.manifest
-        self.readers = [ShardReader(m.shard_path(self.root, s), m.store) for s in m.shards]  # type: ignore[arg-type]
+        # decoder: data.decoder (dodo/data/decode.py); JPEGs decode to the cache's image size.
+        self.readers = [ShardReader(m.shard_path(self.root, s), m.store, decoder, m.image_size)  # type: ignore[arg-type]
+                        for s in m.shards]
         # offsets[k] = index of shard k's first caption; the last entry is the total.
         self.offsets = np.concatenate([[0], np.cumsum([s.captions for s in m.shards])]).tolist()
         # rows[k] = global index of shard k's first sample row (= image id in image caches).
@@ -139,18 +141,19 @@ def build_datasets(cfg) -> tuple[torch.utils.data.Dataset, torch.utils.data.Data
         for split, path in caches.items():
             if path:
                 ensure_synthetic_cache(cfg, split, Path(path).expanduser())
-    train = CachedDataset(cfg.train_cache, cfg.verify)
+    dec = getattr(cfg, "decoder", "auto")
+    train = CachedDataset(cfg.train_cache, cfg.verify, decoder=dec)
     _check_matches(cfg, train, "train_cache")
     if cfg.eval_cache:
-        evals = CachedDataset(cfg.eval_cache, cfg.verify, with_attrs=True)
+        evals = CachedDataset(cfg.eval_cache, cfg.verify, with_attrs=True, decoder=dec)
         _check_matches(cfg, evals, "eval_cache")
         return train, evals
     n = len(train)
     if cfg.num_eval >= n:
         raise CacheError(f"data.num_eval={cfg.num_eval} leaves no training samples in {cfg.train_cache} "
                          f"({n} samples); lower data.num_eval or set data.eval_cache")
-    return (CachedDataset(cfg.train_cache, "none", 0, n - cfg.num_eval),
-            CachedDataset(cfg.train_cache, "none", n - cfg.num_eval, n, with_attrs=True))
+    return (CachedDataset(cfg.train_cache, "none", 0, n - cfg.num_eval, decoder=dec),
+            CachedDataset(cfg.train_cache, "none", n - cfg.num_eval, n, with_attrs=True, decoder=dec))
 
 
 def _check_matches(cfg, ds: CachedDataset, key: str) -> None:

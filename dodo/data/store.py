@@ -210,8 +210,9 @@ _INHERITED: list = []
 class ShardReader:
     """Read-only, lazily opened, fork-safe access to one shard."""
 
-    def __init__(self, path: Path, store: StoreKind) -> None:
+    def __init__(self, path: Path, store: StoreKind, decoder: str = "auto", target: int = 0) -> None:
         self.path, self.store = path, store
+        self.decoder, self.target = decoder, target  # JPEG decoder (dodo.data.decode), output size
         self._pid: Optional[int] = None
         self._handle = None
         self.keys: list[str] = []
@@ -353,7 +354,7 @@ class ShardReader:
         data = self.encoded(row)
         if self.encode == "raw":
             return np.array(data)  # a writable copy, never a view of the map
-        return decode_jpeg(data, f"{self.path}:{row}")
+        return decode_jpeg(data, f"{self.path}:{row}", self.decoder, self.target)
 
     def close(self) -> None:
         if self._handle is not None and self._pid == os.getpid() and self.store == "hdf5":
@@ -362,15 +363,18 @@ class ShardReader:
 
     def __getstate__(self) -> dict:
         # Pickled into spawned workers: send the path only, never an open handle.
-        return {"path": self.path, "store": self.store}
+        return {"path": self.path, "store": self.store, "decoder": self.decoder, "target": self.target}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["store"])
+        self.__init__(state["path"], state["store"], state.get("decoder", "auto"), state.get("target", 0))
 
 
-def decode_jpeg(data: bytes | np.ndarray, where: str) -> np.ndarray:
+def decode_jpeg(data: bytes | np.ndarray, where: str, decoder: str = "pil", target: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8 through ``dodo.data.decode`` (``decoder``: data.decoder; ``target``: the
+    output side, 0 = as stored)."""
+    from dodo.data.decode import DecodeError, decode
+
     try:
-        with Image.open(io.BytesIO(memoryview(data))) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as err:
+        return decode(data, target, decoder)
+    except DecodeError as err:
         raise ShardError(f"image {where} does not decode ({err}); the shard is damaged") from None

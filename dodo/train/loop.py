@@ -69,10 +69,18 @@ class Trainer:
     def _loader(self) -> torch.utils.data.DataLoader:
         # A private generator: the DataLoader draws its worker base seed from it, not from the
         # global RNG, whose stream must be the same in a straight run and a resumed one.
+        # Batches carry uint8 images (and the cache's token ids where it stores them); the
+        # device converts and normalises them (dodo/data/device.py, docs/benchmarks.md).
+        from dodo.data.collate import for_training
+        from dodo.data.device import DeviceBatch, loader_options
+
+        d = self.cfg.data
+        self._to_device = DeviceBatch.for_collate(self.task.collate, self.device)
         return torch.utils.data.DataLoader(
-            self.task.train_set, batch_sampler=self._sampler(self.step), collate_fn=self.task.collate,
-            num_workers=self.cfg.data.num_workers,
-            generator=torch.Generator().manual_seed(self.cfg.data.seed + self.step))
+            self.task.train_set, batch_sampler=self._sampler(self.step),
+            collate_fn=for_training(self.task.collate, self.task.train_set), num_workers=d.num_workers,
+            generator=torch.Generator().manual_seed(self.cfg.data.seed + self.step),
+            **loader_options(self.device, d.num_workers, d.prefetch_factor))
 
     def _evaluate(self) -> dict[str, float]:
         return self.task.evaluate(self.engine.module, 2 * self.cfg.train.micro_batch, self.rank, self.world)
@@ -133,7 +141,7 @@ class Trainer:
         rows = next(iter(tensors.values())).shape[0]
         mb, losses = self.cfg.train.micro_batch, []
         for lo in range(0, rows, mb):
-            loss = self.engine(**{k: v[lo:lo + mb].to(self.device) for k, v in tensors.items()})
+            loss = self.engine(**self._to_device({k: v[lo:lo + mb] for k, v in tensors.items()}))
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.item())
