@@ -18,14 +18,14 @@ from dodo.adapters.r_adapter import RAdapterLinear
 from dodo.adapters.state import (adapter_state_dict, load_adapters, merge_adapters, save_adapters,
                                  unmerge_adapters, wise_state, zero_shot_state, load_adapter_state)
 from dodo.models.clip.model import ClipDualEncoder
-from dodo.models.config import ModelConfig
+from dodo.models.clip.config import ClipModelConfig
 
 torch.set_default_dtype(torch.float32)
 
 
 def tiny_clip(adapter: AdapterConfig, seed: int = 0) -> ClipDualEncoder:
     torch.manual_seed(seed)
-    return ClipDualEncoder(ModelConfig(family="clip", adapter=adapter), vocab_size=40, eos_token_id=0).double()
+    return ClipDualEncoder(ClipModelConfig(adapter=adapter), vocab_size=40, eos_token_id=0).double()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

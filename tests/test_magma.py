@@ -15,17 +15,17 @@ from dodo.data.collate import CaptionCollator
 from dodo.data.synthetic import SyntheticShapes
 from dodo.data.tokenizer import load_tokenizer
 from dodo.models import build_model
-from dodo.models.config import ImageEncoderConfig, LMConfig, ModelConfig
+from dodo.models.magma import ImageEncoderConfig, LMConfig, MagmaModelConfig
 
 TOKENIZER = load_tokenizer("builtin:synthetic")
 
 
-def tiny(**lm) -> ModelConfig:
-    return ModelConfig(lm=LMConfig(d_model=32, n_head=2, n_positions=40, **lm),
+def tiny(**lm) -> MagmaModelConfig:
+    return MagmaModelConfig(lm=LMConfig(d_model=32, n_head=2, n_positions=40, **lm),
                        image_encoder=ImageEncoderConfig(hidden=32, n_layer=1, n_head=2))
 
 
-def build(cfg: ModelConfig) -> nn.Module:
+def build(cfg: MagmaModelConfig) -> nn.Module:
     torch.manual_seed(0)
     return build_model(cfg, vocab_size=len(TOKENIZER), eos_token_id=TOKENIZER.eos_token_id)
 
@@ -118,7 +118,7 @@ def test_lm_families_build_adapt_and_train(arch):
 
 
 def test_pretrained_weights_load_from_local_paths(tmp_path):
-    from dodo.models.magma import ImageEncoder, build_lm
+    from dodo.models.magma.model import ImageEncoder, build_lm
 
     cfg = tiny()
     torch.manual_seed(0)

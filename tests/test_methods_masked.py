@@ -13,15 +13,17 @@ from conftest import REPO, dodo, run_dirs
 from dodo import losses
 from dodo.config.loader import dump_config, load_job
 from dodo.config.preflight import missing_paths
+from dodo.models.clip.task_masked import EVAL_SEED, MaskedTask
 from dodo.tasks import build_task
-from dodo.tasks.masked import EVAL_SEED, MaskedTask
+from dodo.train.init_from import read_init
 
 FAST = ["data.num_train=64", "data.num_eval=48", "eval.num_ood=8", "eval.ood_holdout=[]"]
 
 
 def task_for(job: str, *overrides: str):
     torch.manual_seed(0)
-    return build_task(load_job(REPO / f"jobs/{job}.yaml", [*FAST, *overrides]))
+    cfg = load_job(REPO / f"jobs/{job}.yaml", [*FAST, *overrides])
+    return build_task(cfg, read_init(cfg))  # as the trainer does: other runs' tensors first
 
 
 def whole_eval_batch(task):

@@ -11,8 +11,7 @@ from conftest import REPO
 from dodo.config.errors import ConfigError, ConfigValueError
 from dodo.config.loader import load_job
 from dodo.models import build_model
-from dodo.models.config import ModelConfig
-from dodo.models.vlmo.config import VlmoConfig
+from dodo.models.vlmo.config import VlmoConfig, VlmoModelConfig
 from dodo.models.vlmo.model import VlmoModel
 
 D, LAYERS, START, VOCAB = 32, 4, 2, 50
@@ -22,8 +21,8 @@ B, T, N = 3, 7, 16  # batch, caption tokens, image patches (32 px / 8 px)
 def model(**kw) -> VlmoModel:
     torch.manual_seed(0)
     adapter = kw.pop("adapter", AdapterConfig(kind="none"))
-    cfg = ModelConfig(family="vlmo", adapter=adapter,
-                      vlmo=VlmoConfig(hidden=D, layers=LAYERS, heads=4, vlffn_start=START, **kw))
+    cfg = VlmoModelConfig(adapter=adapter,
+                          vlmo=VlmoConfig(hidden=D, layers=LAYERS, heads=4, vlffn_start=START, **kw))
     return build_model(cfg, vocab_size=VOCAB, eos_token_id=1, mask_token_id=2).eval()
 
 
@@ -193,14 +192,12 @@ def test_frozen_multiway_with_lora_adapters_trains_only_adapters_and_heads():
     assert trainable and all(n.startswith(("itc_", "itm_", "logit_scale")) or ".lora_" in n or "lora" in n
                              for n in trainable), sorted(trainable)
     assert any("attn.q_proj" in n for n in trainable)  # LoRA on the shared attention
-    with pytest.raises(ValueError, match="not supported for model.family=vlmo"):
+    with pytest.raises(ConfigValueError, match="model.family=vlmo does not take prefix adapters"):
         model(adapter=AdapterConfig(kind="prefix"))
 
 
-def test_task_refuses_data_that_does_not_fit_the_model():
-    from dodo.tasks import build_task
-
-    with pytest.raises(ConfigError, match="model.vlmo.image_size"):
-        build_task(load_job(REPO / "jobs/vlmo_retrieval.yaml", ["data.image_size=64"]))
-    with pytest.raises(ConfigError, match="model.vlmo.max_text_len"):
-        build_task(load_job(REPO / "jobs/vlmo_retrieval.yaml", ["model.vlmo.max_text_len=8"]))
+def test_config_refuses_data_that_does_not_fit_the_model():
+    with pytest.raises(ConfigError, match="data.image_size: is 64, but model.vlmo.image_size=32"):
+        load_job(REPO / "jobs/vlmo_retrieval.yaml", ["data.image_size=64"])
+    with pytest.raises(ConfigError, match="more than model.vlmo.max_text_len=8"):
+        load_job(REPO / "jobs/vlmo_retrieval.yaml", ["model.vlmo.max_text_len=8"])

@@ -24,7 +24,9 @@ def build(overrides: list[str]):
     cfg = load_job(JOB, SMALL + overrides)
     tok = load_tokenizer(cfg.model.tokenizer)
     torch.manual_seed(cfg.model.init_seed)
-    return build_model(cfg.model, vocab_size=len(tok), eos_token_id=tok.eos_token_id), tok
+    from dodo.train.init_from import read_init  # model.moe.upcycle_from -> tensors, as the trainer does
+
+    return build_model(cfg.model, vocab_size=len(tok), eos_token_id=tok.eos_token_id, init=read_init(cfg)), tok
 
 
 def batch(tok, n: int = 6):
@@ -125,8 +127,8 @@ def test_clear_validation_errors(overrides: list[str], message: str):
 def test_moe_needs_bottleneck_adapters():
     with pytest.raises(ConfigError, match="set model.adapter.kind=bottleneck"):
         build(["model.moe.num_experts=2", "model.adapter.kind=lora"])
-    with pytest.raises(ValueError, match="LM has 2 blocks"):
-        build(["model.moe.num_experts=2", "model.moe.layers=[5]"])
+    with pytest.raises(ConfigError, match="model.moe.layers: has 5, but the LM has model.lm.n_layer=2 blocks"):
+        build(["model.moe.num_experts=2", "model.moe.layers=[5]"])  # refused at submit, not at rank start-up
 
 
 def test_is_a_deepspeed_moe_layer():

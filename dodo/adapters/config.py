@@ -117,6 +117,9 @@ class AdapterConfig:
               "name at least one of: attention, mlp")
         check(self.init_std >= 0, "init_std", f"must be >= 0, got {self.init_std}")
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.kind != "mam" or self.placement != "sequential", "placement",
+              "is sequential, but kind=mam pairs prefix tuning with a parallel adapter; set "
+              "model.adapter.placement to parallel or scaled_parallel")
         for i, pattern in enumerate(self.targets):
             import re
             try:

@@ -9,7 +9,8 @@ from dodo.config.errors import check
 from dodo.data.config import DataConfig
 from dodo.distributed.config import DeepSpeedConfig
 from dodo.eval.config import EvalConfig
-from dodo.models.config import ModelConfig
+from dodo.models.config import ModelConfig, default_model_config
+from dodo.models.registry import family
 from dodo.train.config import TrainConfig
 
 
@@ -17,7 +18,7 @@ from dodo.train.config import TrainConfig
 class JobConfig:
     name: str = "run"
     runs_dir: str = "runs"  # run directories go to <runs_dir>/<name>/<id>/
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=default_model_config)  # the subclass of model.family
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -38,3 +39,9 @@ class JobConfig:
                   f"(cluster.nodes={self.cluster.nodes} x cluster.tasks_per_node={self.cluster.tasks_per_node}); "
                   f"set model.moe.ep_size to one of "
                   f"{', '.join(str(d) for d in range(1, world + 1) if world % d == 0 and moe.num_experts % d == 0)}")
+        check(self.train.precision in ("auto", "fp32") or self.cluster.gpus_per_task > 0, "train.precision",
+              f"is {self.train.precision}, which needs a GPU, but cluster.gpus_per_task=0 (the ranks run on CPU); "
+              "set cluster.gpus_per_task=1, or train.precision to auto (fp32 on CPU) or fp32")
+        validate = family(self.model.family).validate
+        if validate is not None:  # the family's cross-section checks (dodo/models/<family>/config.py)
+            validate(self)

@@ -22,6 +22,7 @@ def eval_run(run_dir: str, task_name: str) -> int:
     from dodo.rundir import RunDir, write_json_atomic
     from dodo.tasks import build_task
     from dodo.train import checkpoint
+    from dodo.train.init_from import read_init
 
     run = RunDir.open(run_dir)
     cfg = load_job(run.config)
@@ -30,7 +31,7 @@ def eval_run(run_dir: str, task_name: str) -> int:
         raise FileNotFoundError(f"{run.path} has no published checkpoint yet; train it first "
                                 f"(`dodo submit {run.path}` resumes it)")
     torch.manual_seed(cfg.model.init_seed)  # the frozen random-init base, as in training
-    task = build_task(cfg)
+    task = build_task(cfg, read_init(cfg))
     if not hasattr(task, "run_eval"):
         raise ConfigError(f"{run.path}: model.family={cfg.model.family} has no `dodo eval` tasks "
                           "(they are for the contrastive families clip and vlmo)")

@@ -1,24 +1,18 @@
-"""Model families, one module each, found by `model.family`."""
+"""Model families, one folder each (magma, clip, vlmo), registered once and found by
+``model.family`` (dodo/models/registry.py). ``sources/`` loads pretrained towers."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from dodo.models.config import ModelConfig
+from dodo.models.registry import InitState, family
 
 if TYPE_CHECKING:  # torch is imported lazily: `dodo submit --dry-run` and `dodo status` stay torch-free
     from torch import nn
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int,
-                mask_token_id: int | None = None) -> nn.Module:
-    if cfg.family == "magma":
-        from dodo.models.magma import MagmaModel
-        return MagmaModel(cfg, vocab_size=vocab_size, eos_token_id=eos_token_id)
-    if cfg.family == "clip":
-        from dodo.models.clip.model import ClipDualEncoder
-        return ClipDualEncoder(cfg, vocab_size, eos_token_id, mask_token_id)
-    if cfg.family == "vlmo":
-        from dodo.models.vlmo.model import VlmoModel
-        return VlmoModel(cfg, vocab_size, eos_token_id, mask_token_id)
-    raise ValueError(f"unknown model.family {cfg.family!r}")
+                mask_token_id: int | None = None, init: InitState | None = None) -> nn.Module:
+    """The model of ``cfg.family``; ``init`` carries tensors read from other runs (or None)."""
+    return family(cfg.family).build_model(cfg, vocab_size, eos_token_id, mask_token_id, init or InitState())

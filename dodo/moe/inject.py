@@ -174,14 +174,6 @@ def upcycle(model: nn.Module, dense_state: dict[str, Tensor], noise: float = 0.0
     return fresh
 
 
-def upcycle_from_config(model: nn.Module, cfg) -> None:
-    """Apply ``model.moe.upcycle_from`` (a ModelConfig's) to a freshly built model, if set."""
-    if cfg.moe.upcycle_from:
-        from dodo.moe.upcycle import load_dense_state
-
-        upcycle(model, load_dense_state(cfg.moe.upcycle_from), cfg.moe.upcycle_noise, seed=cfg.init_seed)
-
-
 def _copy(p: Tensor, state: dict[str, Tensor], name: str, used: set) -> Tensor:
     if name not in state:
         raise ValueError(f"the dense checkpoint has no {name!r}; upcycle from a run with the same "

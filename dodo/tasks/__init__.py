@@ -3,18 +3,27 @@
 A task bundles the model, the train / held-out datasets, the collate function, the periodic
 evaluation (run on every rank, reduced) and the final report (rank 0). The training loop
 knows nothing else about methods: a model's forward takes the batch's tensors by keyword and
-returns the scalar loss. New methods add a task here, found by `model.family`.
+returns the scalar loss.
+
+Each model family names its task in its ``FamilySpec.task`` (dodo/models/<family>/task.py);
+this package holds the generic parts: the ``Task`` base, ``build_task`` (found by
+``model.family`` through the registry), the dual-encoder ``ContrastiveTask`` that CLIP and VLMo
+share (contrastive.py), the encoder helpers (encoders.py) and the synthetic shapes suite's
+logic (shapes.py, the only code here that knows the shapes vocabulary).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
-
-from torch import nn
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING, Any, Callable
 
 from dodo.config.schema import JobConfig
+from dodo.models import registry
+from dodo.models.registry import InitState
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.utils.data import Dataset
 
 
 class Task(abc.ABC):
@@ -32,17 +41,17 @@ class Task(abc.ABC):
         """Rank 0, after training: extra metrics for summary.json and lines to print."""
 
 
-def build_task(cfg: JobConfig) -> Task:
-    if cfg.model.family == "magma":
-        from dodo.tasks.captioning import CaptioningTask
-        return CaptioningTask(cfg)
-    if cfg.model.family == "clip" and cfg.model.clip.objective != "contrastive":
-        from dodo.tasks.masked import MaskedTask  # mim / mlm pretext (masked adapters)
-        return MaskedTask(cfg)
-    if cfg.model.family == "vlmo":
-        from dodo.tasks.vlmo import VlmoRetrievalTask  # ITC + ITM (+ MLM), ITM re-ranking
-        return VlmoRetrievalTask(cfg)
-    if cfg.model.family in ("clip", "vlmo"):
-        from dodo.tasks.contrastive import ContrastiveTask
-        return ContrastiveTask(cfg)
-    raise ValueError(f"no task for model.family={cfg.model.family!r}")
+def build_task(cfg: JobConfig, init: InitState | None = None) -> Task:
+    """The task of ``cfg.model.family``. ``init``: tensors from other runs (upcycling, adapter
+    transfer) that the train layer read (dodo.train.init_from.read_init); None when the job
+    names none."""
+    spec = registry.family(cfg.model.family)
+    return registry.resolve(spec.task)(cfg, init or InitState())
+
+
+def build_family_model(cfg: Any, tokenizer: Any, init: InitState | None = None) -> nn.Module:
+    """The family's model for ``cfg`` (a ModelConfig), sized to ``tokenizer``; its [UNK] (if
+    any) is the mask token of masked modelling."""
+    mask_id = tokenizer.convert_tokens_to_ids(tokenizer.unk_token) if tokenizer.unk_token else None
+    return registry.family(cfg.family).build_model(cfg, len(tokenizer), tokenizer.eos_token_id, mask_id,
+                                                   init or InitState())

@@ -24,6 +24,7 @@ from dodo.train import checkpoint
 from dodo.train.metrics import MetricsWriter, Progress
 from dodo.train.signals import StopFlag
 from dodo.train.summary import write_summary
+from dodo.train.init_from import read_init
 
 log = logging.getLogger("dodo.train")
 
@@ -39,7 +40,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device)
 
         torch.manual_seed(cfg.model.init_seed)  # frozen random-init weights: identical on every rank
-        self.task = build_task(cfg)
+        self.task = build_task(cfg, read_init(cfg))  # tensors from other runs, read before the model
         model = self.task.model.to(self.device)
         self.trainable, self.total_params = count_parameters(model)
         ckpt, universal = checkpoint.latest(run), None

@@ -1,4 +1,4 @@
-"""CLIP dual-encoder config: the two towers (a transformers CLIPConfig) and the objective."""
+"""CLIP's keys of ``model:``: ``model.clip``, the two towers (a transformers CLIPConfig) and the objective."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Literal, Optional
 
 from dodo.config.errors import check
 from dodo.config.preflight import MUST_EXIST
+from dodo.models.config import ModelConfig
 
 
 @dataclass
@@ -35,7 +36,7 @@ class ClipConfig:
     mim_mask_ratio: float = 0.6
     mlm_weight: float = 0.0  # masked language modelling on the text tower (0: off)
     mlm_prob: float = 0.15
-    # What the run trains (dodo/tasks/__init__.py build_task): contrastive (the weighted sum
+    # What the run trains (dodo/models/clip/task.py build_task): contrastive (the weighted sum
     # above), or a pretext task alone, scored on held-out data: mim (masked image modelling on
     # the vision tower; L1 on masked patches) or mlm (masked language modelling on the text
     # tower; accuracy). mim / mlm ignore the *_weight keys.
@@ -64,3 +65,31 @@ class ClipConfig:
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.contrastive_weight + self.mim_weight + self.mlm_weight > 0, "contrastive_weight",
               "all loss weights are 0: set contrastive_weight, mim_weight or mlm_weight")
+
+
+# The tower-defining CLIP keys; objective, loss weights, trainable heads may differ between
+# runs whose adapters are combined (model.clip.init_adapters).
+CLIP_BASE_KEYS = ("path", "image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads",
+                  "text_hidden", "text_layers", "text_heads", "max_text_len", "projection_dim")
+
+
+@dataclass
+class ClipModelConfig(ModelConfig):
+    """A CLIP dual encoder (transformers CLIPModel) with adapters in both towers."""
+
+    family: str = "clip"
+    clip: ClipConfig = field(default_factory=ClipConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.adapter.kind != "film" or self.adapter.film.condition == "task", "adapter.film.condition",
+              "is image, which would make the text tower depend on the image; a dual encoder cannot "
+              "do that: set model.adapter.film.condition=task")
+
+    def frozen_base(self) -> dict[str, object]:
+        keys = super().frozen_base()
+        keys.update({f"model.clip.{k}": getattr(self.clip, k) for k in CLIP_BASE_KEYS})
+        return keys
+
+    def init_adapter_runs(self) -> list[str]:
+        return list(self.clip.init_adapters)

@@ -21,7 +21,8 @@ from transformers import CLIPConfig, CLIPModel
 from dodo import losses
 from dodo.adapters.film import FiLMCondition
 from dodo.adapters.inject import Block, freeze, inject
-from dodo.models.config import ModelConfig
+from dodo.adapters.transfer import AdapterSource, start_from_sources
+from dodo.models.clip.config import ClipModelConfig
 
 
 def clip_block_specs(clip: CLIPModel, prefix: str = "") -> list[Block]:
@@ -35,7 +36,7 @@ def clip_block_specs(clip: CLIPModel, prefix: str = "") -> list[Block]:
     return blocks
 
 
-def build_clip(cfg: ModelConfig, vocab_size: int, eos_token_id: int) -> CLIPModel:
+def build_clip(cfg: ClipModelConfig, vocab_size: int, eos_token_id: int) -> CLIPModel:
     c = cfg.clip
     if c.path:
         return CLIPModel.from_pretrained(c.path, local_files_only=True, attn_implementation="eager")
@@ -53,7 +54,10 @@ def build_clip(cfg: ModelConfig, vocab_size: int, eos_token_id: int) -> CLIPMode
 
 
 class ClipDualEncoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, eos_token_id: int, mask_token_id: int | None = None):
+    def __init__(self, cfg: ClipModelConfig, vocab_size: int, eos_token_id: int, mask_token_id: int | None = None,
+                 init_adapters: list[AdapterSource] | None = None):
+        """``init_adapters``: adapters of earlier runs (model.clip.init_adapters), read by the
+        train layer (dodo/train/init_from.py); injected and frozen before this run's own."""
         super().__init__()
         c = cfg.clip
         self.cfg = c
@@ -70,16 +74,12 @@ class ClipDualEncoder(nn.Module):
         self.clip.logit_scale = nn.Parameter(self.clip.logit_scale.detach().reshape(1).clone(),
                                              requires_grad="temperature" in c.trainable or "all" in c.trainable)
         self.film_condition = None
-        if cfg.adapter.kind == "film":
-            if cfg.adapter.film.condition != "task":
-                raise ValueError("model.adapter.film.condition=image would make the text tower depend on "
-                                 "the image, which a dual encoder cannot do; use condition: task")
+        if cfg.adapter.kind == "film":  # condition: task (ClipModelConfig refuses image at submit)
             self.film_condition = FiLMCondition(cfg.adapter.film.task_dim, cfg.adapter.film.num_tasks)
         self.init_adapters: dict[str, list[str]] = {}
-        if c.init_adapters:  # frozen adapters of earlier runs first (masked adapters' transfer)
-            from dodo.adapters.transfer import start_from_runs
-            self.init_adapters = start_from_runs(
-                self, c.init_adapters, cfg, lambda a: inject(self.clip, clip_block_specs(self.clip), a))
+        if init_adapters:  # frozen adapters of earlier runs first (masked adapters' transfer)
+            self.init_adapters = start_from_sources(
+                self, init_adapters, lambda a: inject(self.clip, clip_block_specs(self.clip), a))
         self.adapted_modules = inject(self.clip, clip_block_specs(self.clip), cfg.adapter, self.film_condition)
         vision = self.clip.config.vision_config
         self.patch = vision.patch_size
@@ -105,7 +105,7 @@ class ClipDualEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         c, loss = self.cfg, images.new_zeros(())
-        if c.objective == "mim":  # a pretext task alone (dodo/tasks/masked.py)
+        if c.objective == "mim":  # a pretext task alone (dodo/models/clip/task_masked.py)
             return self.mim(images)[0]
         if c.objective == "mlm":
             return self.mlm(input_ids, attention_mask)[0]

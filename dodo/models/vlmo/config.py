@@ -1,9 +1,11 @@
-"""VLMo multiway transformer config."""
+"""VLMo's keys of ``model:``: ``model.vlmo``, the multiway transformer and its losses."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
 from dodo.config.errors import check
+from dodo.models.config import ModelConfig
 
 
 @dataclass
@@ -46,3 +48,30 @@ class VlmoConfig:
               "all loss weights are 0: set contrastive_weight, itm_weight or mlm_weight")
         check(0 < self.mlm_prob < 1, "mlm_prob", f"must be in (0, 1), got {self.mlm_prob}")
         check(self.rerank_k >= 0, "rerank_k", f"must be >= 0, got {self.rerank_k}")
+
+
+# Adapter kinds the multiway transformer cannot take, and why (refused at submit).
+REFUSED_ADAPTERS = {
+    "prefix": "prefix tuning needs transformers' attention interface, which VLMo's own attention lacks",
+    "mam": "MAM includes prefix tuning, which needs transformers' attention interface",
+    "film": "FiLM needs a condition, which VLMo does not provide",
+}
+
+
+@dataclass
+class VlmoModelConfig(ModelConfig):
+    """A VLMo multiway transformer: dual encoder (ITC) and fusion encoder (ITM, MLM)."""
+
+    family: str = "vlmo"
+    vlmo: VlmoConfig = field(default_factory=VlmoConfig)
+
+
+def validate_job(job) -> None:  # JobConfig -> None (ConfigValueError with the full key path)
+    """The images and captions the data gives must fit the model's positions."""
+    v, d = job.model.vlmo, job.data
+    check(d.image_size == v.image_size, "data.image_size",
+          f"is {d.image_size}, but model.vlmo.image_size={v.image_size}: the model has positions for "
+          f"{v.image_size} px images; set both to the same value")
+    check(d.max_caption_tokens <= v.max_text_len, "data.max_caption_tokens",
+          f"is {d.max_caption_tokens}, more than model.vlmo.max_text_len={v.max_text_len} text positions; "
+          "raise model.vlmo.max_text_len or lower data.max_caption_tokens")

@@ -34,7 +34,7 @@ from torch import nn
 
 from dodo import losses
 from dodo.adapters.inject import Block, freeze, inject
-from dodo.models.config import ModelConfig
+from dodo.models.vlmo.config import VlmoModelConfig
 
 TEXT, IMAGE = 0, 1  # token-type ids
 
@@ -108,7 +108,7 @@ def vlmo_block_specs(model: "VlmoModel") -> list[Block]:
 
 
 class VlmoModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, eos_token_id: int, mask_token_id: int | None = None):
+    def __init__(self, cfg: VlmoModelConfig, vocab_size: int, eos_token_id: int, mask_token_id: int | None = None):
         super().__init__()
         c = self.cfg = cfg.vlmo
         d = self.hidden = c.hidden
@@ -142,11 +142,7 @@ class VlmoModel(nn.Module):
             heads.append(self.mlm_head)
         for h in heads:
             h.apply(_init_weights)
-        kind = cfg.adapter.kind
-        if kind in ("prefix", "mam", "film"):
-            raise ValueError(f"model.adapter.kind={kind} is not supported for model.family=vlmo "
-                             "(prefix tuning needs transformers' attention interface, FiLM a condition); "
-                             "use bottleneck, lora or r_adapter")
+        # prefix / mam / film are refused at submit (VlmoModelConfig: FamilySpec.refused_adapters)
         self.adapted_modules = inject(self, vlmo_block_specs(self), cfg.adapter)
 
     # ---------------------------------------------------------------- embeddings and the stack

@@ -10,7 +10,7 @@ mlm: masked language modelling on the text tower (BERT 80/10/10 masking at ``mlm
 
 Held-out masks are drawn from a fixed seed (``EVAL_SEED``), so every evaluation of a run, on
 every rank, scores the same masked inputs. The data and the OOD hold-out are the contrastive
-task's: the held-out colour-shape pairs stay unseen by the pretext stage too.
+task's: on the synthetic shapes, the held-out colour-shape pairs stay unseen by the pretext stage too.
 """
 
 from __future__ import annotations

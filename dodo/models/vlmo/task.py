@@ -1,4 +1,4 @@
-"""VLMo retrieval: the contrastive task (ITC retrieval, zero-shot, kNN, ID and OOD) plus
+"""VLMo's task (tasks layer, found through ``dodo.models.vlmo.FAMILY.task``): retrieval: the contrastive task (ITC retrieval, zero-shot, kNN, ID and OOD) plus
 retrieval re-ranked by the fusion encoder.
 
 Re-ranking (``model.vlmo.rerank_k`` = k > 0): for each query the k best candidates by the
@@ -13,24 +13,21 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from dodo.config.errors import ConfigError
 from dodo.config.schema import JobConfig
 from dodo.eval.retrieval import positives_from_captions, recall_at_k
+from dodo.models.registry import InitState
+from dodo.tasks import Task
 from dodo.tasks.contrastive import ContrastiveTask
 
 _ABOVE = 1.0e4  # lifts the re-ranked top k above every cosine similarity (|cos| <= 1)
 
 
+def build_task(cfg: JobConfig, init: InitState | None = None) -> Task:
+    return VlmoRetrievalTask(cfg, init)
+
+
 class VlmoRetrievalTask(ContrastiveTask):
-    def __init__(self, cfg: JobConfig):
-        v, d = cfg.model.vlmo, cfg.data
-        if d.image_size != v.image_size:
-            raise ConfigError(f"data.image_size={d.image_size} but model.vlmo.image_size={v.image_size}; "
-                              "set them to the same value")
-        if d.max_caption_tokens > v.max_text_len:
-            raise ConfigError(f"data.max_caption_tokens={d.max_caption_tokens} exceeds model.vlmo.max_text_len="
-                              f"{v.max_text_len}; raise model.vlmo.max_text_len or lower data.max_caption_tokens")
-        super().__init__(cfg)
+    """data.image_size / max_caption_tokens against the model: checked at submit (vlmo/config.py)."""
 
     def split_metrics(self, model: nn.Module, ds: Dataset, tag: str) -> dict[str, float]:
         out = super().split_metrics(model, ds, tag)

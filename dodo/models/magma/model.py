@@ -17,7 +17,7 @@ from transformers import (AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionMode
 
 from dodo.adapters.film import FiLMCondition
 from dodo.adapters.inject import freeze, inject_adapters
-from dodo.models.config import ImageEncoderConfig, LMConfig, ModelConfig
+from dodo.models.magma.config import ImageEncoderConfig, LMConfig, MagmaModelConfig
 
 IGNORE_INDEX = -100
 
@@ -85,7 +85,10 @@ class ImageEncoder(nn.Module):
 
 
 class MagmaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, eos_token_id: int):
+    def __init__(self, cfg: MagmaModelConfig, vocab_size: int, eos_token_id: int,
+                 dense_state: dict[str, torch.Tensor] | None = None):
+        """``dense_state``: model.moe.upcycle_from's trainable state, read by the train layer
+        (dodo/train/init_from.py); every expert starts as a copy of its dense adapter."""
         super().__init__()
         self.eos_token_id = eos_token_id
         self.image_encoder = ImageEncoder(cfg.image_encoder)
@@ -108,9 +111,10 @@ class MagmaModel(nn.Module):
         # Mixture-of-experts adapters in place of the dense ones of model.moe.layers (None: off).
         self.moe = None
         if cfg.moe.enabled:
-            from dodo.moe.inject import attach_moe, upcycle_from_config  # imports DeepSpeed's MoE
+            from dodo.moe.inject import attach_moe, upcycle  # imports DeepSpeed's MoE
             self.moe = attach_moe(self.lm, cfg.moe, cfg.adapter, d_model, vocab_size)
-            upcycle_from_config(self, cfg)
+            if dense_state is not None:
+                upcycle(self, dense_state, cfg.moe.upcycle_noise, seed=cfg.init_seed)
 
     def embed(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         features = self.image_encoder(images)  # (B, P, enc)

@@ -1,0 +1,95 @@
+"""MAGMA's keys of ``model:``: the frozen LM, the image encoder and the prefix projection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from dodo.config.errors import check
+from dodo.config.preflight import MUST_EXIST
+from dodo.models.config import ModelConfig
+
+
+@dataclass
+class LMConfig:
+    """The frozen causal language model (GPT-2 / GPT-Neo / GPT-J family)."""
+
+    arch: Literal["gpt2", "gpt_neo", "gptj"] = "gpt2"
+    path: Optional[str] = field(default=None, metadata=MUST_EXIST)  # local weights; None: random init
+    d_model: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    n_positions: int = 64
+    rotary_dim: int = 16  # gptj only
+    # Std of a randomly initialised LM's weights (transformers' initializer_range). Its tied
+    # output embedding bounds the logits, so a frozen random LM needs more than GPT-2's 0.02.
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layer", "n_head", "n_positions"):
+            check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
+        check(self.d_model % self.n_head == 0, "d_model",
+              f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.arch == "gptj":  # rotary embeddings cover the first rotary_dim dims of each head
+            head_dim = self.d_model // self.n_head
+            check(0 < self.rotary_dim <= head_dim and self.rotary_dim % 2 == 0, "rotary_dim",
+                  f"must be even and in (0, d_model / n_head = {head_dim}], got {self.rotary_dim}")
+
+
+@dataclass
+class ImageEncoderConfig:
+    """The image tower: a ViT (transformers ViTModel) or a CLIP vision tower."""
+
+    arch: Literal["vit", "clip_vision"] = "vit"
+    path: Optional[str] = field(default=None, metadata=MUST_EXIST)  # local weights; None: random init
+    image_size: int = 32
+    patch_size: int = 8
+    hidden: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    trainable: bool = False  # MAGMA's released configs train it with its own small lr
+    lr: float = 2.0e-6  # used only when trainable
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "hidden", "n_layer", "n_head"):
+            check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        check(self.hidden % self.n_head == 0, "hidden",
+              f"hidden={self.hidden} must be divisible by n_head={self.n_head}")
+        check(self.image_size % self.patch_size == 0, "patch_size",
+              f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
+        check(self.lr >= 0, "lr", f"must be >= 0, got {self.lr}")
+
+
+@dataclass
+class MagmaModelConfig(ModelConfig):
+    """A MAGMA-style prefix LM: image encoder -> prefix projection -> frozen LM with adapters."""
+
+    family: str = "magma"
+    lm: LMConfig = field(default_factory=LMConfig)
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    prefix_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0.0 <= self.prefix_dropout < 1.0, "prefix_dropout",
+              f"must be in [0, 1), got {self.prefix_dropout}")
+        if self.moe.enabled:  # the blocks that get MoE adapters must exist and hold a bottleneck adapter
+            n = self.lm.n_layer
+            for i in self.moe.layers:
+                check(-n <= i < n, "moe.layers",
+                      f"has {i}, but the LM has model.lm.n_layer={n} blocks; use indices in [-{n}, {n - 1}]")
+            if self.adapter.layers:
+                dense = {i % n for i in self.adapter.layers if -n <= i < n}
+                outside = sorted({i % n for i in self.moe.layers or range(n)} - dense)
+                check(not outside, "moe.layers",
+                      f"includes LM block(s) {outside}, which have no bottleneck adapter: model.adapter.layers="
+                      f"{self.adapter.layers} leaves them out; add them there or narrow model.moe.layers")
+
+    def frozen_base(self) -> dict[str, object]:
+        keys = super().frozen_base()
+        for section in ("lm", "image_encoder"):
+            for name, value in vars(getattr(self, section)).items():
+                if name not in ("trainable", "lr"):
+                    keys[f"model.{section}.{name}"] = value
+        return keys

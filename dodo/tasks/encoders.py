@@ -1,0 +1,30 @@
+"""Helpers the family tasks share to expose their encoders to the evaluation suites.
+
+INTERFACES.md section 4: a contrastive family's task provides
+``encode_images(model, images) -> (B, D)`` and ``encode_texts(model, texts) -> (B, D)``, a
+captioning family's ``generate(model, images, prompt=None, **decoding) -> list[str]``.
+Images arrive as the datasets hold them, uint8 (B, H, W, 3), or already as the model's
+normalised float (B, 3, H, W).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+def to_model_images(images: Any, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W), (x / 255 - mean) / std; float (B, 3, H, W)
+    is taken as already normalised (the collator's output)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if x.dtype == torch.uint8:
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be (B, H, W, 3), got {tuple(x.shape)}")
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        return (x.permute(0, 3, 1, 2).float() / 255.0 - m) / s
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"float images must be normalised (B, 3, H, W), got {tuple(x.shape)}")
+    return x.float()
