@@ -1,0 +1,149 @@
+"""Where a tower's weights come from (torch-free: it runs at submit time).
+
+    source:
+      kind: open_clip          # hf | open_clip | timm | random
+      path: /models/clip/RN50x16.pt
+      arch: RN50x16            # open_clip model name / timm model name; hf: read from config.json
+      dtype: auto              # auto | float32 | bfloat16 | float16 (auto: bf16 on sm_80+, fp16 on sm_70, fp32 on CPU)
+      tower: vision            # vision | text | full | lm | encoder (what to build of the checkpoint)
+      grid: true               # vision: return the token grid (RN: attention pool removed; ViT: no CLS)
+      arch_kwargs: '{}'        # JSON object: overrides of the named architecture (tiny test configs)
+
+`check_source` does the checks that need no torch: the path exists and has the format its kind
+reads, the architecture name is one the library knows, ``arch_kwargs`` is a JSON object. The
+shape check (every tensor of the checkpoint against the architecture) runs at load, in
+dodo.models.sources.load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from dodo.config.errors import ConfigError, check
+
+KINDS = ("hf", "open_clip", "timm", "random")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")
+
+
+@dataclass
+class SourceConfig:
+    kind: Literal["hf", "open_clip", "timm", "random"] = "random"
+    path: str = ""  # hf: a directory; open_clip / timm: a checkpoint file
+    arch: str = ""  # open_clip: "RN50x16", "ViT-B-16"; timm: "vit_base_patch16_224.dino"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tower: Literal["vision", "text", "full", "lm", "encoder"] = "vision"
+    grid: bool = True  # vision towers: token grid (B, N, C) instead of the pooled embedding
+    quick_gelu: Optional[bool] = None  # open_clip: None = True for OpenAI TorchScript .pt files
+    arch_kwargs: str = "{}"  # JSON object of architecture overrides (tiny configs, custom sizes)
+
+    def __post_init__(self) -> None:
+        check(self.kind == "random" or bool(self.path), "path",
+              f"source kind {self.kind} reads local weights: set path to a local "
+              + ("directory" if self.kind == "hf" else "checkpoint file"))
+        check(self.kind not in ("open_clip", "timm") or bool(self.arch), "arch",
+              f"source kind {self.kind} needs the architecture name (e.g. "
+              + ("RN50x16, ViT-B-16" if self.kind == "open_clip" else "vit_base_patch16_224.dino") + ")")
+        try:
+            kwargs = json.loads(self.arch_kwargs)
+        except json.JSONDecodeError as err:
+            kwargs = err
+        check(isinstance(kwargs, dict), "arch_kwargs",
+              f"must be a JSON object such as '{{\"width\": 64}}', got {self.arch_kwargs!r}")
+
+    def kwargs(self) -> dict[str, Any]:
+        return json.loads(self.arch_kwargs)
+
+
+def sniff_format(path: str) -> str:
+    """'safetensors' | 'zip' (torch.save / TorchScript) | 'pickle' (legacy torch.save) | 'unknown'."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in (2, 3, 4, 5):
+        return "pickle"
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n < 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    return "unknown"
+
+
+def _package_dir(name: str) -> Optional[Path]:
+    spec = importlib.util.find_spec(name)  # locates the package without importing it (no torch)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@lru_cache(maxsize=1)
+def open_clip_archs() -> tuple[str, ...]:
+    """open_clip's model names: the JSON configs it ships (read, not imported)."""
+    root = _package_dir("open_clip")
+    return tuple(sorted(p.stem for p in (root / "model_configs").glob("*.json"))) if root else ()
+
+
+@lru_cache(maxsize=1)
+def timm_archs() -> tuple[str, ...]:
+    """timm's model names: the functions its model files register (read, not imported)."""
+    root = _package_dir("timm")
+    names: set[str] = set()
+    for p in sorted((root / "models").glob("*.py")) if root else []:
+        names.update(re.findall(r"@register_model\s*\n\s*def\s+(\w+)\s*\(", p.read_text(errors="replace")))
+    return tuple(sorted(names))
+
+
+def _unknown_arch(key: str, arch: str, known: tuple[str, ...], lib: str) -> ConfigError:
+    import difflib
+    close = difflib.get_close_matches(arch, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; {lib} knows {len(known)} names"
+    return ConfigError(f"{key}.arch={arch!r} is not an architecture {lib} knows{hint}")
+
+
+def check_source(cfg: SourceConfig, key: str = "source") -> None:
+    """Submit-time checks (no torch): existence, format and architecture name. Raises ConfigError."""
+    if cfg.kind == "random":
+        return
+    path = cfg.path
+    if not os.path.exists(path):
+        raise ConfigError(f"{key}.path={path!r} does not exist; point it at a local copy of the weights "
+                          "(nothing is downloaded at run time)")
+    if cfg.kind == "hf":
+        if not os.path.isdir(path):
+            raise ConfigError(f"{key}.path={path!r} is a file, but source kind hf reads a Hugging Face model "
+                              "directory (config.json + weights, as save_pretrained writes it)")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{key}.path={path!r} has no config.json: not a Hugging Face model directory")
+        if cfg.tower != "text" and not any(os.path.isfile(os.path.join(path, w)) for w in HF_WEIGHTS):
+            raise ConfigError(f"{key}.path={path!r} holds no weights ({', '.join(HF_WEIGHTS)})")
+        return
+    if os.path.isdir(path):
+        raise ConfigError(f"{key}.path={path!r} is a directory; source kind {cfg.kind} reads one "
+                          f"checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)})")
+    fmt = sniff_format(path)
+    suffix = Path(path).suffix
+    if suffix not in CHECKPOINT_SUFFIXES or fmt == "unknown" or (suffix == ".safetensors") != (fmt == "safetensors"):
+        raise ConfigError(f"{key}.path={path!r} is not a checkpoint file: expected a torch.save / TorchScript "
+                          f".pt/.pth/.bin or a .safetensors file, found {fmt} data with suffix {suffix or '(none)'}")
+    if cfg.kind == "open_clip":
+        known = open_clip_archs()
+        if not known:
+            raise ConfigError("source kind open_clip needs the open_clip_torch package; run `make install`")
+        if cfg.arch not in known:
+            raise _unknown_arch(key, cfg.arch, known, "open_clip")
+    else:
+        known = timm_archs()
+        if not known:
+            raise ConfigError("source kind timm needs the timm package; run `make install`")
+        if cfg.arch.split(".", 1)[0] not in known:  # the ".dino" / ".mae" tag is checked at load
+            raise _unknown_arch(key, cfg.arch.split(".", 1)[0], known, "timm")
