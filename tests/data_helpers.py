@@ -270,3 +270,47 @@ def write_word_tokenizer(path: Path, texts: list[str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
+
+
+def make_cache(src: Path | str, source: str, out: Path, **options) -> Path:
+    """``dodo data cache SRC --from SOURCE --out OUT`` in process (quiet); returns OUT.
+    Options are CacheOptions fields (image_size=32, encode="jpeg", split=..., classnames=...)."""
+    from dodo.data.cache import CacheOptions, build_cache
+
+    opts = dict(image_size=32, encode="jpeg", samples_per_shard=64, workers=1)
+    opts.update(options)
+    build_cache(CacheOptions(source=source, src=str(src), out=str(out), **opts), log=lambda m: None)
+    return out
+
+
+def real_caches(root: Path, image_size: int = 32, n_images: int = 40, store: str = "hdf5") -> dict[str, Path]:
+    """A small set of real-format caches for end-to-end runs, written and cached under root:
+
+    coco_train (Karpathy train+restval, 5 captions per image), coco_test (Karpathy test),
+    flickr_test, imagenet_train / imagenet_val (4 classes, wnid folders + LOC_synset_mapping),
+    cifar10_train / cifar10_test, webdataset (img2dataset tar + parquet), text (16-token blocks),
+    and tokenizer (a word-level tokenizer.json covering all of it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    tok = out["tokenizer"] = write_word_tokenizer(root / "tokenizer" / "tokenizer.json")
+    kw = dict(image_size=image_size, store=store)
+    js, imgs = write_karpathy(root / "src" / "coco", n_images, 5, "coco", size=image_size)
+    out["coco_train"] = make_cache(js, "karpathy", root / "coco_train", images=str(imgs), split="train,restval", **kw)
+    out["coco_test"] = make_cache(js, "karpathy", root / "coco_test", images=str(imgs), split="test", **kw)
+    js, imgs = write_karpathy(root / "src" / "flickr", n_images, 5, "flickr30k", size=image_size)
+    out["flickr_test"] = make_cache(js, "karpathy", root / "flickr_test", images=str(imgs), split="test", **kw)
+    per = max(2, n_images // 4)
+    tree, mapping = write_imagenet_folders(root / "src" / "imagenet", 4, per, size=image_size)
+    out["imagenet_train"] = make_cache(tree, "folder", root / "imagenet_train", classnames=str(mapping),
+                                       dataset="imagenet1k", split="train", **kw)
+    vtree, _ = write_imagenet_folders(root / "src" / "imagenet", 4, max(2, per // 2), size=image_size, split="val")
+    out["imagenet_val"] = make_cache(vtree, "folder", root / "imagenet_val", classnames=str(mapping),
+                                     dataset="imagenet1k", split="val", **kw)
+    cifar = write_cifar10(root / "src", per_batch=max(2, n_images // 5), test=max(10, n_images // 4))
+    out["cifar10_train"] = make_cache(cifar, "cifar", root / "cifar10_train", split="train", **kw)
+    out["cifar10_test"] = make_cache(cifar, "cifar", root / "cifar10_test", split="test", **kw)
+    i2d = write_img2dataset(root / "src" / "i2d", n_images, failed=(1,))
+    out["webdataset"] = make_cache(i2d, "webdataset", root / "webdataset", **kw)
+    corpus = write_text_corpus(root / "src" / "books.txt", 4 * n_images)
+    out["text"] = make_cache(corpus, "text", root / "text", block=16, tokenizer=str(tok), store=store)
+    return out

@@ -152,7 +152,8 @@ def test_captions_jsonl_with_label_column(tmp_path: Path) -> None:
 def test_cifar_pickles(tmp_path: Path, variant: str) -> None:
     folder = dh.write_cifar10(tmp_path, per_batch=4, test=6) if variant == "cifar10" else \
         dh.write_cifar100(tmp_path, train=8, test=6)
-    m = cache(folder, "cifar", tmp_path / "train", split="train", encode="raw", image_size=32)
+    m = cache(folder, "cifar", tmp_path / "train", split="train", encode="raw", image_size=32,
+              workers=2 if variant == "cifar10" else 1)  # one forked build, to cover workers
     key = b"labels" if variant == "cifar10" else b"fine_labels"
     first = "data_batch_1" if variant == "cifar10" else "train"
     with open(folder / first, "rb") as f:
@@ -257,3 +258,16 @@ def test_cli_karpathy_and_one_line_error(tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert bad.stderr.startswith("dodo: error:") and "--split" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_real_caches_helper_builds_every_format(tmp_path: Path) -> None:
+    """The set other tests run end to end on: every cache opens and feeds what it says."""
+    caches = dh.real_caches(tmp_path, image_size=16, n_images=10, store="zarr")
+    feeds = {k: describe(v).feeds() for k, v in caches.items() if k != "tokenizer"}
+    assert feeds["coco_test"]["multi_caption"] and feeds["coco_test"]["split"] == "test"
+    assert feeds["imagenet_val"]["labels"] and feeds["imagenet_val"]["num_classes"] == 4
+    assert feeds["cifar10_train"]["dataset"] == "cifar10" and not feeds["cifar10_train"]["captions"]
+    assert feeds["text"]["tokens"] and not feeds["text"]["images"]
+    assert not any(f["synthetic"] for f in feeds.values())
+    s = CachedDataset(caches["imagenet_val"])[0]
+    assert s.image.shape == (16, 16, 3) and s.caption == "" and s.label == 0

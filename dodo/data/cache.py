@@ -299,7 +299,8 @@ def _finish(out: Path, opts: CacheOptions, source: Source, plan: list, results: 
                         num_images=images,
                         captions_per_image=(num_captions / images if images and meta["modality"] ==
                                             "image_text" else 0.0),
-                        tokenizer=tokenizer_facts(opts.tokenizer) if opts.tokenizer else {}, **meta)
+                        tokenizer=(tokenizer_facts(opts.tokenizer) if opts.tokenizer and
+                                   meta["modality"] != "image" else {}), **meta)
     if manifest.num_samples == 0:
         raise CacheError(f"every sample of {opts.src} was bad ({_counts(counts)}); see {out / REPORT}")
     manifest.save(out)

@@ -161,7 +161,7 @@ def _check_matches(cfg, ds: CachedDataset, key: str) -> None:
     if m.store != cfg.kind:
         raise CacheError(f"data.{key}={ds.root} is a {m.store} cache but data.kind={cfg.kind}; "
                          f"set data.kind={m.store}")
-    if m.image_size != cfg.image_size:
+    if m.image_size != cfg.image_size and m.modality != "text":  # a text cache has no images
         raise CacheError(f"data.{key}={ds.root} holds {m.image_size} px images but data.image_size="
                          f"{cfg.image_size}; set data.image_size={m.image_size} (and the model's "
                          "image_encoder.image_size to match)")
