@@ -96,6 +96,16 @@ def test_imagenet_folders_with_synset_mapping(tmp_path: Path, store: str) -> Non
     assert f["labels"] and f["classnames"] and f["num_classes"] == 4 and not f["captions"]
 
 
+def test_bad_image_in_a_class_folder_is_skipped_and_labels_stay_aligned(tmp_path: Path) -> None:
+    tree, mapping = dh.write_imagenet_folders(tmp_path / "imagenet", 3, 2)
+    wnid = dh.imagenet_wnids(3)[1]
+    (tree / wnid / f"{wnid}_0.JPEG").write_bytes(dh.CORRUPT)
+    m = cache(tree, "folder", tmp_path / "out", classnames=str(mapping), samples_per_shard=2)
+    assert m.num_images == 5 and m.bad == {"corrupt image": 1}
+    assert [(s.key.split("/")[0], s.label, s.image_id) for s in samples(tmp_path / "out")] == [
+        (dh.imagenet_wnids(3)[k], k, i) for i, k in enumerate((0, 0, 1, 2, 2))]
+
+
 def test_shift_set_subset_named_from_the_full_mapping(tmp_path: Path) -> None:
     """ImageNet-R / -A keep 200 of the 1000 wnids: names come from the full mapping by wnid."""
     tree, mapping = dh.write_imagenet_folders(tmp_path / "inet", 5, 1)
@@ -207,6 +217,18 @@ def test_text_corpus_lines_and_token_blocks(tmp_path: Path) -> None:
         assert s.tokens.dtype == np.int32 and s.tokens.tolist() == stream[16 * k:16 * (k + 1)]
         assert t(s.caption, add_special_tokens=False)["input_ids"] == s.tokens.tolist()
     assert "<unk>" not in " ".join(s.caption for s in blocks)  # the tokenizer covers the corpus
+
+
+def test_text_jsonl_records_and_bad_text_options(tmp_path: Path) -> None:
+    (tmp_path / "wiki.jsonl").write_text("".join(json.dumps({"text": dh.caption(i), "id": i}) + "\n"
+                                                 for i in range(5)))
+    m = cache(tmp_path / "wiki.jsonl", "text", tmp_path / "out")
+    assert m.num_captions == 5 and samples(tmp_path / "out")[4].caption == dh.caption(4)
+    with pytest.raises(SourceError, match="--block N cuts text into token blocks"):
+        cache(tmp_path / "wiki.jsonl", "text", tmp_path / "bad", block=8)
+    with pytest.raises(SourceError, match="--split train or test"):
+        cache(dh.write_cifar10(tmp_path, 2, 2), "cifar", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 # --- manifests: torch-free facts, old caches ------------------------------------------------
