@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dodo.config.errors import ConfigError
-from dodo.exitcodes import EXIT_INTERRUPTED, EXIT_USAGE
+from dodo.exitcodes import EXIT_COMPLETED, EXIT_INTERRUPTED, EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -153,6 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "sweep": cmd_sweep, "table": cmd_table, "upcycle": cmd_upcycle}[args.command](args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `dodo submit --dry-run | head`: the reader left; not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_COMPLETED
     except Exception as err:  # noqa: BLE001 - sorted into expected (one line) and bugs (traceback)
         if not expected_error(err):
             raise

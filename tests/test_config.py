@@ -70,8 +70,13 @@ def error_of(path: Path | str, overrides: tuple[str, ...] = (), **kwargs) -> str
 # ---------------------------------------------------------------- composition and overrides
 
 
-def test_empty_job_is_all_defaults(root: Path) -> None:
-    assert load_job(job(root, "")) == JobConfig()
+def test_empty_job_is_an_error_naming_the_fix(root: Path) -> None:
+    assert "is empty; a job names at least its fragments" in error_of(job(root, ""), ())
+    assert "is empty" in error_of(job(root, "# only a comment\n"), ())
+
+
+def test_job_of_one_key_is_all_defaults(root: Path) -> None:
+    assert load_job(job(root, "name: run\n")) == JobConfig()
 
 
 def test_fragments_then_job_keys_deep_merged(root: Path) -> None:
@@ -345,7 +350,7 @@ def test_defaults_cycle(root: Path) -> None:
     ("model.adapter={kidn: none}", "command line override: unknown key 'model.adapter.kidn'; did you mean 'model.adapter.kind'?"),
 ])
 def test_bad_override(root: Path, override: str, expected: str) -> None:
-    assert error_of(job(root, ""), (override,)).startswith(expected)
+    assert error_of(job(root, "name: run\n"), (override,)).startswith(expected)
 
 
 # ---------------------------------------------------------------- the loader only reads

@@ -6,8 +6,9 @@ dodo/train/loop.py). The batch script then runs, once per allocation:
     python -m dodo.cluster.continuation slurm|lsf RUN_DIR EXIT_CODE
 
 which decides from the launcher's exit code and the run directory (never from sacct, which
-fails where accounting is off) and acts: `scontrol requeue` (Slurm), `brequeue` or a chained
-`bsub -w "ended(<id>)"` (LSF, cluster.lsf_continuation). Requeues are counted in
+fails where accounting is off) and acts through the scheduler's BatchBackend (requeue hook):
+`scontrol requeue` (Slurm), `brequeue` or a chained `bsub -w "ended(<id>)"` (LSF,
+cluster.lsf_continuation). Requeues are counted in
 job/requeues.jsonl; cluster.max_requeues caps them per submission (`dodo submit RUN` starts
 a new submission), and a run at the cap stops cleanly, saying why and how to go on.
 """
@@ -16,9 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,10 +25,9 @@ from pathlib import Path
 import yaml
 
 from dodo.cluster.backend import JobRecord
+from dodo.exitcodes import EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED, RESUMABLE
 from dodo.rundir import RunDir
 
-EXIT_STOPPED = 3  # dodo/train/loop.py: checkpointed and stopped on request
-RESUMABLE = (EXIT_STOPPED, 128 + signal.SIGUSR2)  # USR2 before a rank could catch it: nothing lost
 
 
 def requeues_file(run: RunDir) -> Path:
@@ -107,21 +104,24 @@ def main(argv: list[str] | None = None) -> int:
     decision = decide(run, code, int(cluster.get("max_requeues", 10)))
     print(f"dodo: allocation ended (launcher exit {code}): {decision.message}", flush=True)
     if decision.action == "done":
-        return 0
+        return EXIT_COMPLETED
     if decision.action == "cancelled":
         run.update_status(state="cancelled")
-        return 0
+        return EXIT_COMPLETED
     if decision.action == "stop":
         run.update_status(state="stopped", reason=decision.message)
         return EXIT_STOPPED
     if decision.action == "fail":
         run.update_status(state="failed", exit_code=code, reason=decision.message)
-        return 1
+        return EXIT_FAILED
     return _requeue(run, cluster, scheduler, decision.message)
 
 
 def _requeue(run: RunDir, cluster: dict, scheduler: str, message: str) -> int:
-    job_id = _current_job_id(scheduler)
+    from dodo.cluster.backend import get_backend
+
+    backend = get_backend(scheduler)  # a BatchBackend: slurm | lsf
+    job_id = backend.current_job_id(os.environ)
     entry = {"time": time.time(), "job_id": job_id, "step": run.status().get("step", 0),
              "reason": run.status().get("reason", ""), "scheduler": scheduler}
     # Record first: `scontrol requeue` / `brequeue` end this very shell.
@@ -129,54 +129,7 @@ def _requeue(run: RunDir, cluster: dict, scheduler: str, message: str) -> int:
         f.write(json.dumps(entry) + "\n")
     total = len(requeue_log(run))
     run.update_status(state="requeued", requeues=total, reason=message)
-    if scheduler == "slurm":
-        cmd = ["scontrol", "requeue", job_id]
-    elif cluster.get("lsf_continuation") == "requeue":
-        cmd = ["brequeue", job_id]
-    else:
-        return _chain_lsf(run, job_id)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode == 0:
-        time.sleep(30)  # the scheduler ends this allocation now; don't let the shell report first
-        return 0
-    return _requeue_failed(run, " ".join(cmd), proc)
-
-
-def _chain_lsf(run: RunDir, job_id: str) -> int:
-    """A follow-up job that starts when this one has ended: `bsub -w "ended(<id>)" < lsf.bsub`."""
-    script = run.job / "lsf.bsub"
-    with open(script) as stdin:
-        proc = subprocess.run(["bsub", "-w", f"ended({job_id})"], stdin=stdin, capture_output=True,
-                              text=True)
-    found = re.search(r"Job <(\d+)>", proc.stdout)
-    if proc.returncode != 0 or not found:
-        return _requeue_failed(run, f'bsub -w "ended({job_id})" < {script}', proc)
-    record = JobRecord.load(run)
-    if record is not None:
-        chain = record.details.setdefault("chain", [record.job_id])
-        chain.append(found[1])
-        record.job_id = found[1]
-        record.save(run)
-    run.update_status(job_id=found[1])
-    print(f"dodo: follow-up job {found[1]} waits for job {job_id} to end", flush=True)
-    return 0
-
-
-def _requeue_failed(run: RunDir, command: str, proc: subprocess.CompletedProcess) -> int:
-    said = (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
-    message = (f"`{command}` failed: {said}; the checkpoint is kept: continue with "
-               f"`dodo submit {run.path}`")
-    print(f"dodo: {message}", file=sys.stderr, flush=True)
-    run.update_status(state="stopped", reason=message)
-    return EXIT_STOPPED
-
-
-def _current_job_id(scheduler: str) -> str:
-    env = os.environ
-    if scheduler == "slurm":
-        return env.get("SLURM_JOB_ID", "")  # an array task's own id: requeues only that task
-    index = env.get("LSB_JOBINDEX", "0")
-    return f"{env['LSB_JOBID']}[{index}]" if index not in ("", "0") else env.get("LSB_JOBID", "")
+    return backend.requeue(run, cluster, job_id)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,15 @@ import math
 import re
 import shlex
 import shutil
-import time
+import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
-from dodo.cluster.backend import Backend, BackendError, JobRecord
-from dodo.cluster.batch import ScriptPaths, environment_block, launch_block, run_tool, tool_message
+from dodo.cluster.backend import JobRecord
+from dodo.cluster.batch import (BatchBackend, ScriptPaths, environment_block, launch_block, requeue_failed,
+                                run_tool)
 from dodo.config.schema import JobConfig
+from dodo.exitcodes import EXIT_COMPLETED
 from dodo.rundir import RunDir
 
 ALIVE = {"PEND", "RUN", "PSUSP", "USUSP", "SSUSP", "WAIT", "PROV"}
@@ -74,71 +77,75 @@ def render_bsub(cfg: JobConfig, paths: ScriptPaths) -> str:
             + launch_block(jsrun_line(cfg), "lsf", paths))
 
 
-class LsfBackend(Backend):
+class LsfBackend(BatchBackend):
     name = "lsf"
+    script_name = "lsf.bsub"
+    submit_tool, cancel_tool = "bsub", "bkill"
+    plan_command = "bsub < job/lsf.bsub"
+    display, client_hint = "LSF", "LSF is not loaded: `module load lsf`"
+    alive_states = frozenset(ALIVE)
 
-    def launch_plan(self, cfg: JobConfig, run_path: str) -> str:
-        paths = ScriptPaths.for_runs(cfg.cluster, [run_path], f"{run_path}/job")
-        return f"bsub < job/lsf.bsub, which reads:\n{render_bsub(cfg, paths)}"
+    def render(self, cfg: JobConfig, paths: ScriptPaths) -> str:
+        return render_bsub(cfg, paths)
 
-    def preflight(self, cfg: JobConfig) -> None:
-        _require("bsub")
-
-    def submit(self, run: RunDir, cfg: JobConfig, foreground: bool) -> tuple[JobRecord, int]:
-        (record,) = self.submit_array([run], cfg, run.job)
-        return record, 0
-
-    def submit_array(self, runs: list[RunDir], cfg: JobConfig, job_dir: Path) -> list[JobRecord]:
-        _require("bsub")
+    def write_scripts(self, runs: list[RunDir], cfg: JobConfig, job_dir: Path) -> Path:
         # Each run keeps its own single-job script: continuations resubmit that one.
         for run in runs:
             single = ScriptPaths.for_runs(cfg.cluster, [str(run.path)], str(run.job))
-            (run.job / "lsf.bsub").write_text(render_bsub(cfg, single))
-        script = job_dir / "lsf.bsub"
-        if len(runs) > 1:
-            paths = ScriptPaths.for_runs(cfg.cluster, [str(r.path) for r in runs], str(job_dir))
-            script.write_text(render_bsub(cfg, paths))
-        proc = run_tool(["bsub"], stdin_path=script)
+            (run.job / self.script_name).write_text(render_bsub(cfg, single))
+        if len(runs) == 1:
+            return runs[0].job / self.script_name
+        return super().write_scripts(runs, cfg, job_dir)
+
+    def submit_command(self, script: Path) -> tuple[list[str], Path | None]:
+        return ["bsub"], script
+
+    def job_id_from(self, proc: subprocess.CompletedProcess) -> str | None:
         found = re.search(r"Job <(\d+)>", proc.stdout)
-        if proc.returncode != 0 or not found:
-            raise BackendError(f"bsub refused the job: {tool_message(proc)}; {_hint(proc, cfg)}")
-        job_id, now = found[1], time.time()
-        records = []
-        for i, run in enumerate(runs):
-            rid = f"{job_id}[{i + 1}]" if len(runs) > 1 else job_id
-            record = JobRecord("lsf", rid, now, {"script": str(script), "array_job": job_id})
-            record.save(run)
-            run.update_status(state="queued", backend="lsf", job_id=rid)
-            records.append(record)
-        return records
+        return found[1] if found else None
 
-    def is_alive(self, record: JobRecord) -> bool:
-        state = self.scheduler_state(record)
-        return state is None or state in ALIVE
+    def element_id(self, job_id: str, index: int) -> str:
+        return f"{job_id}[{index + 1}]"  # LSF arrays are 1-based
 
-    def scheduler_state(self, record: JobRecord) -> str | None:
+    def query_state(self, job_id: str) -> str | None:
         if shutil.which("bjobs") is None:
             return None
-        proc = run_tool(["bjobs", "-o", "jobid stat", "-noheader", record.job_id], timeout=20)
+        proc = run_tool(["bjobs", "-o", "jobid stat", "-noheader", job_id], timeout=20)
         fields = proc.stdout.split()
         return fields[1] if proc.returncode == 0 and len(fields) >= 2 else "GONE"
 
-    def cancel(self, record: JobRecord) -> None:
-        _require("bkill")
-        proc = run_tool(["bkill", record.job_id])
-        if proc.returncode != 0:
-            raise BackendError(f"bkill {record.job_id} failed: {tool_message(proc)}")
+    def requeue_command(self, cluster: dict, job_id: str) -> list[str] | None:
+        return ["brequeue", job_id] if cluster.get("lsf_continuation") == "requeue" else None
+
+    def chain(self, run: RunDir, job_id: str) -> int:
+        """A follow-up job that starts when this one has ended: `bsub -w "ended(<id>)" < lsf.bsub`."""
+        script = run.job / self.script_name
+        with open(script) as stdin:
+            proc = subprocess.run(["bsub", "-w", f"ended({job_id})"], stdin=stdin, capture_output=True,
+                                  text=True)
+        new_id = self.job_id_from(proc) if proc.returncode == 0 else None
+        if new_id is None:
+            return requeue_failed(run, f'bsub -w "ended({job_id})" < {script}', proc)
+        record = JobRecord.load(run)
+        if record is not None:
+            chain = record.details.setdefault("chain", [record.job_id])
+            chain.append(new_id)
+            record.job_id = new_id
+            record.save(run)
+        run.update_status(job_id=new_id)
+        print(f"dodo: follow-up job {new_id} waits for job {job_id} to end", flush=True)
+        return EXIT_COMPLETED
+
+    def current_job_id(self, env: Mapping[str, str]) -> str:
+        index = env.get("LSB_JOBINDEX", "0")
+        return f"{env['LSB_JOBID']}[{index}]" if index not in ("", "0") else env.get("LSB_JOBID", "")
+
+    def refusal_hint(self, proc: subprocess.CompletedProcess, cfg: JobConfig) -> str:
+        return _hint(proc, cfg)
 
 
 def _quote(text: str) -> str:
     return f'"{text}"' if re.search(r"[\s\[%]", text) else text
-
-
-def _require(tool: str) -> None:
-    if shutil.which(tool) is None:
-        raise BackendError(f"{tool} is not on PATH: this is not an LSF login node (or LSF is not "
-                           f"loaded: `module load lsf`); submit from the cluster's login node, or "
-                           f"run here with --cluster local")
 
 
 def _hint(proc, cfg: JobConfig) -> str:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
-import time
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
 
-from dodo.cluster.backend import Backend, BackendError, JobRecord
-from dodo.cluster.batch import ScriptPaths, environment_block, launch_block, run_tool, tool_message
+from dodo.cluster.batch import BatchBackend, ScriptPaths, environment_block, launch_block, run_tool
 from dodo.config.schema import JobConfig
-from dodo.rundir import RunDir
 
 # States in which the job may still run (squeue's long names, also scontrol's JobState).
 ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -60,68 +60,46 @@ def render_sbatch(cfg: JobConfig, paths: ScriptPaths) -> str:
             + launch_block(launcher, "slurm", paths))
 
 
-class SlurmBackend(Backend):
+class SlurmBackend(BatchBackend):
     name = "slurm"
+    script_name = "slurm.sbatch"
+    submit_tool, cancel_tool = "sbatch", "scancel"
+    plan_command = "sbatch job/slurm.sbatch"
+    display, client_hint = "Slurm", "the Slurm client is not installed"
+    alive_states = frozenset(ALIVE)
 
-    def launch_plan(self, cfg: JobConfig, run_path: str) -> str:
-        paths = ScriptPaths.for_runs(cfg.cluster, [run_path], f"{run_path}/job")
-        return f"sbatch job/slurm.sbatch, which reads:\n{render_sbatch(cfg, paths)}"
+    def render(self, cfg: JobConfig, paths: ScriptPaths) -> str:
+        return render_sbatch(cfg, paths)
 
-    def preflight(self, cfg: JobConfig) -> None:
-        _require("sbatch")
+    def submit_command(self, script: Path) -> tuple[list[str], Path | None]:
+        return ["sbatch", "--parsable", str(script)], None
 
-    def submit(self, run: RunDir, cfg: JobConfig, foreground: bool) -> tuple[JobRecord, int]:
-        (record,) = self.submit_array([run], cfg, run.job)
-        return record, 0
+    def job_id_from(self, proc: subprocess.CompletedProcess) -> str | None:
+        return proc.stdout.strip().split(";")[0] or None  # --parsable: "<id>[;<cluster>]"
 
-    def submit_array(self, runs: list[RunDir], cfg: JobConfig, job_dir) -> list[JobRecord]:
-        """One sbatch for all runs (an array when there are several); one record per run."""
-        _require("sbatch")
-        paths = ScriptPaths.for_runs(cfg.cluster, [str(r.path) for r in runs], str(job_dir))
-        script = job_dir / "slurm.sbatch"
-        script.write_text(render_sbatch(cfg, paths))
-        proc = run_tool(["sbatch", "--parsable", str(script)])
-        if proc.returncode != 0:
-            raise BackendError(f"sbatch refused the job: {tool_message(proc)}; {_hint(proc, cfg)}")
-        job_id = proc.stdout.strip().split(";")[0]
-        now = time.time()
-        records = []
-        for i, run in enumerate(runs):
-            rid = f"{job_id}_{i}" if len(runs) > 1 else job_id
-            record = JobRecord("slurm", rid, now, {"script": str(script), "array_job": job_id})
-            record.save(run)
-            run.update_status(state="queued", backend="slurm", job_id=rid)
-            records.append(record)
-        return records
+    def element_id(self, job_id: str, index: int) -> str:
+        return f"{job_id}_{index}"
 
-    def is_alive(self, record: JobRecord) -> bool:
-        state = self.scheduler_state(record)
-        return state is None or state in ALIVE  # unknown (no Slurm here): trust the run directory
-
-    def scheduler_state(self, record: JobRecord) -> str | None:
+    def query_state(self, job_id: str) -> str | None:
         """squeue, else scontrol (both work without accounting); None when Slurm cannot say."""
         if shutil.which("squeue") is None:
             return None
-        proc = run_tool(["squeue", "-h", "-j", record.job_id, "-o", "%T"], timeout=20)
+        proc = run_tool(["squeue", "-h", "-j", job_id, "-o", "%T"], timeout=20)
         states = proc.stdout.split() if proc.returncode == 0 else []
         if states:
             return states[0]
-        proc = run_tool(["scontrol", "show", "job", "-o", record.job_id], timeout=20)
+        proc = run_tool(["scontrol", "show", "job", "-o", job_id], timeout=20)
         found = re.search(r"JobState=(\S+)", proc.stdout)
         return found[1] if found else "GONE"  # the controller forgot it (MinJobAge)
 
-    def cancel(self, record: JobRecord) -> None:
-        _require("scancel")
-        proc = run_tool(["scancel", record.job_id])
-        if proc.returncode != 0:
-            raise BackendError(f"scancel {record.job_id} failed: {tool_message(proc)}")
+    def requeue_command(self, cluster: dict, job_id: str) -> list[str] | None:
+        return ["scontrol", "requeue", job_id]  # the job keeps its id
 
+    def current_job_id(self, env: Mapping[str, str]) -> str:
+        return env.get("SLURM_JOB_ID", "")  # an array task's own id: requeues only that task
 
-def _require(tool: str) -> None:
-    if shutil.which(tool) is None:
-        raise BackendError(f"{tool} is not on PATH: this is not a Slurm login node (or the Slurm "
-                           f"client is not installed); submit from the cluster's login node, or run "
-                           f"here with --cluster local")
+    def refusal_hint(self, proc: subprocess.CompletedProcess, cfg: JobConfig) -> str:
+        return _hint(proc, cfg)
 
 
 def _hint(proc, cfg: JobConfig) -> str:

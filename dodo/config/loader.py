@@ -85,7 +85,7 @@ def parse_override(text: str) -> tuple[str, object]:
         return key, yaml.load(raw, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{OVERRIDE} {_short(text)}: cannot read the value ({problem}); "
+        raise ConfigError(f"{OVERRIDE} {_short(text)}: cannot read the value {_short(raw)} ({problem}); "
                           f"quote strings and write lists as [a, b]") from None
 
 
