@@ -229,6 +229,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if record is not None:
             print(f"dodo: overrides for this resume recorded in {record} ({', '.join(changes) or 'no change'}); "
                   "config.yaml takes them once the ranks have loaded the checkpoint", flush=True)
+    from dodo.train.provenance import snapshot_code
+
+    snapshot_code(run)  # job/code/: every allocation of the run runs this copy (dodo/train/provenance.py)
     try:
         record, code = backend.submit(run, cfg, foreground=not args.detach)
     except BackendError as err:

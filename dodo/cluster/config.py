@@ -19,6 +19,21 @@ LOCAL_RANKS_PER_CPU = 4  # the local backend oversubscribes cores at most this m
 
 
 @dataclass
+class HangTimeouts:
+    """Seconds a rank may go without a heartbeat, per phase (dodo/cluster/watchdog.py)."""
+
+    startup: float = 600.0  # launch to the first step: imports, process group, data, resume
+    step: float = 300.0  # one optimizer step (also the process group's collective timeout)
+    eval: float = 900.0  # a periodic or final evaluation
+    checkpoint: float = 900.0  # one checkpoint save
+
+    def __post_init__(self) -> None:
+        for name in ("startup", "step", "eval", "checkpoint"):
+            value = getattr(self, name)
+            check(0 < value < 7 * 86400, name, f"must be in (0, 604800) seconds, got {value}")
+
+
+@dataclass
 class ClusterConfig:
     profile: str = ""  # the hpc/clusters/<profile>.yaml this section was built on ("" none)
     backend: Literal["auto", "local", "slurm", "lsf"] = "auto"
@@ -31,6 +46,8 @@ class ClusterConfig:
     time_limit_min: int = 60
     signal_lead_s: int = 90  # the warning signal (USR2) comes this long before the time limit
     max_requeues: int = 10  # continuations per submission: warning -> checkpoint -> requeue
+    max_restarts: int = 2  # retries from the last checkpoint after a rank crashed or hung, per allocation
+    hang_timeout_s: HangTimeouts = field(default_factory=HangTimeouts)  # see dodo/cluster/watchdog.py
     array_parallel: int = 0  # sweeps: at most this many points at once (0: as many as fit)
     # -- what a node of the site has (0: not stated, not checked)
     gpus_per_node: int = 0
@@ -55,7 +72,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         for name in ("nodes", "tasks_per_node", "threads_per_task", "time_limit_min"):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("cpus_per_task", "gpus_per_task", "signal_lead_s", "max_requeues", "array_parallel",
+        for name in ("cpus_per_task", "gpus_per_task", "signal_lead_s", "max_requeues", "max_restarts", "array_parallel",
                      "gpus_per_node", "cpus_per_node"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.signal_lead_s < self.time_limit_min * 60, "signal_lead_s",

@@ -53,15 +53,21 @@ def build_cpu_ops() -> None:
     build_shm_op()
 
 
-def init_distributed(env: DistEnv) -> None:
-    """Initialise torch.distributed through DeepSpeed: gloo on CPU, nccl on GPU."""
+def init_distributed(env: DistEnv, timeout_s: float | None = None) -> None:
+    """Initialise torch.distributed through DeepSpeed: gloo on CPU, nccl on GPU.
+
+    `timeout_s`: how long a collective may wait for a rank before it raises (the process
+    group's timeout; dodo derives it from cluster.hang_timeout_s). None: the backend default."""
     if not torch.cuda.is_available():
         use_cpu_accelerator()
+    import datetime
+
     import deepspeed
 
     env.export()
+    extra = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False)
+                               auto_mpi_discovery=False, **extra)
 
 
 def lr_lambda(cfg: JobConfig):

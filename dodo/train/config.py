@@ -30,6 +30,13 @@ class TrainConfig:
     # Checkpoint and stop (resumable) after this many steps in one allocation; 0: run to the end.
     # For queues with short limits and chained jobs: each submission continues the run.
     steps_per_allocation: int = 0
+    # Divergence guard (dodo/train/guard.py): a non-finite loss or gradient skips the update or
+    # stops the run (state failed, exit 4); at most this many skipped steps in a row.
+    on_nonfinite: Literal["skip", "stop"] = "stop"
+    max_nonfinite_skips: int = 3
+    # Where metrics go (dodo/train/trackers.py): jsonl (metrics.jsonl), tensorboard (tb/),
+    # mlflow (a file store in the run directory, mlruns/), wandb (offline, in wandb/).
+    trackers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
 
     def __post_init__(self) -> None:
         check(self.steps > 0, "steps", f"must be > 0, got {self.steps}; set the number of optimizer steps")
@@ -46,4 +53,12 @@ class TrainConfig:
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         check(self.steps_per_allocation >= 0, "steps_per_allocation",
               f"must be >= 0 (0 turns it off), got {self.steps_per_allocation}")
+        check(0 <= self.max_nonfinite_skips <= 1_000_000, "max_nonfinite_skips",
+              f"must be in [0, 1000000], got {self.max_nonfinite_skips}")
+        known = ("jsonl", "tensorboard", "mlflow", "wandb")
+        bad = [t for t in self.trackers if t not in known][:3]
+        check(not bad and len(self.trackers) == len(set(self.trackers)), "trackers",
+              f"must be distinct names from {', '.join(known)}, got {bad or self.trackers}")
+        check("jsonl" in self.trackers, "trackers",
+              "must include jsonl (metrics.jsonl feeds dodo status, the summary and resume); add it")
         check(self.caption_samples >= 0, "caption_samples", f"must be >= 0, got {self.caption_samples}")

@@ -15,7 +15,8 @@ def run_rank(run_dir: str) -> int:
     # A scheduler's warning (USR2) or preemption (TERM) may come while torch and DeepSpeed are
     # still importing, before the Trainer's own handlers exist: keep it instead of dying of it.
     early: list[int] = []
-    for sig in (signal.SIGUSR2, signal.SIGTERM):
+    # (INT and HUP too: the local launcher forwards what it receives, and may do so this early.)
+    for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: early.append(signum))
     run = RunDir.open(run_dir)
     cfg = load_run_config(run)  # config.yaml + the overrides of this resume, if any

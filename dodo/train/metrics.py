@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dodo.rundir import write_atomic
+from dodo.rundir import RunDir, write_atomic
 
 
 def format_duration(seconds: float) -> str:
@@ -27,26 +27,30 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 class MetricsWriter:
     """Appends metrics rows; on resume, rows past the checkpoint's step are dropped first,
-    so a run that was interrupted and resumed has one row per step, like a straight run."""
+    so a run that was interrupted and resumed has one row per step, like a straight run.
+    The other trackers of train.trackers (dodo/train/trackers.py) get every row too."""
 
-    def __init__(self, metrics_path: Path, tensorboard_dir: Path, resume_step: int):
-        self.path = metrics_path
-        kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= resume_step]
-        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.file = open(metrics_path, "a")
-        from torch.utils.tensorboard import SummaryWriter  # heavy import, rank 0 only
-        self.tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
+    def __init__(self, run: RunDir, resume_step: int, trackers: list[str] | None = None,
+                 name: str = "dodo", params: dict[str, Any] | None = None):
+        from dodo.train.trackers import open_trackers
+
+        self.path = run.metrics
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.file = open(self.path, "a")
+        self.trackers = open_trackers(trackers or ["jsonl", "tensorboard"], run, name, resume_step, params or {})
 
     def write(self, step: int, **values: Any) -> None:
         self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
         self.file.flush()
-        for key, value in values.items():
-            if isinstance(value, (int, float)):
-                self.tb.add_scalar(key.replace(".", "/"), value, step)
+        for tracker in self.trackers:
+            tracker.write(step, values)
 
-    def close(self) -> None:
+    def close(self, state: str = "stopped") -> None:
+        """`state`: how the allocation ended (completed | stopped | failed), for the trackers."""
         self.file.close()
-        self.tb.close()
+        for tracker in self.trackers:
+            tracker.close(state)
 
 
 class Progress:

@@ -1,4 +1,4 @@
-"""Stop requests: scheduler warnings (USR2), preemption / kill (TERM), Ctrl-C (INT).
+"""Stop requests: scheduler warnings (USR2), preemption / kill (TERM), Ctrl-C (INT), hang-up (HUP).
 
 A handler only sets a flag; the loop checks it at step boundaries, agrees across ranks
 (some ranks may not have received the signal), checkpoints and exits.
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 STOP_SIGNALS = {signal.SIGUSR2: "warning signal (USR2)", signal.SIGTERM: "terminate signal (TERM)",
-                signal.SIGINT: "interrupt (INT)"}
+                signal.SIGINT: "interrupt (INT)", signal.SIGHUP: "hang-up signal (HUP)"}
 
 
 class StopFlag:
