@@ -57,6 +57,18 @@ def test_karpathy_coco_train_restval_five_captions_share_image_ids(tmp_path: Pat
     assert m.feeds()["multi_caption"] and not m.feeds()["labels"]
 
 
+def test_held_out_split_never_cuts_an_image(tmp_path: Path) -> None:
+    from dodo.data import build_datasets
+    from dodo.data.config import DataConfig
+
+    ann = dh.write_coco_captions(tmp_path / "coco", 4, 5)
+    cache(ann, "coco", tmp_path / "out", samples_per_shard=3)
+    cfg = DataConfig(kind="hdf5", train_cache=str(tmp_path / "out"), image_size=16, num_eval=7)
+    train, held = build_datasets(cfg)
+    assert (len(train), len(held)) == (10, 10)  # 7 captions reach into image 2: all 5 of it go
+    assert set(train.image_ids()) == {0, 1} and set(held.image_ids()) == {2, 3}
+
+
 def test_karpathy_flickr30k_test_split_and_bad_split(tmp_path: Path) -> None:
     js, images = dh.write_karpathy(tmp_path / "k", 10, 5, "flickr30k")
     m = cache(js, "karpathy", tmp_path / "out", images=str(images), split="test", store="zarr")

@@ -77,6 +77,16 @@ class CachedDataset(torch.utils.data.Dataset):
                 out[lo - self.start:hi - self.start] = ci.astype(np.int64) + self.rows[k]
         return out if self.manifest.modality != "text" else np.full(len(self), -1, np.int64)
 
+    def image_start(self, i: int) -> int:
+        """The index of the first sample (caption) of the image that sample ``i`` belongs to."""
+        if i >= len(self):
+            return len(self)
+        shard, j = self.locate(i)
+        reader = self.readers[shard]
+        reader.open()
+        first = int(np.searchsorted(reader.caption_image, reader.caption_image[j], side="left"))
+        return max(0, self.offsets[shard] + first - self.start)
+
     def labels(self) -> np.ndarray:
         """(len(self),) int64: the class label of every sample (-1 without labels)."""
         out = np.empty(len(self), np.int64)
@@ -152,8 +162,14 @@ def build_datasets(cfg) -> tuple[torch.utils.data.Dataset, torch.utils.data.Data
     if cfg.num_eval >= n:
         raise CacheError(f"data.num_eval={cfg.num_eval} leaves no training samples in {cfg.train_cache} "
                          f"({n} samples); lower data.num_eval or set data.eval_cache")
-    return (CachedDataset(cfg.train_cache, "none", 0, n - cfg.num_eval, decoder=dec),
-            CachedDataset(cfg.train_cache, "none", n - cfg.num_eval, n, with_attrs=True, decoder=dec))
+    # Cut at an image boundary: all captions of an image go to one side (no image is both
+    # trained on and evaluated; retrieval sees every caption of its images).
+    cut = train.image_start(n - cfg.num_eval)
+    if cut == 0:
+        raise CacheError(f"data.num_eval={cfg.num_eval} holds out every image of {cfg.train_cache}; "
+                         "lower data.num_eval or set data.eval_cache")
+    return (CachedDataset(cfg.train_cache, "none", 0, cut, decoder=dec),
+            CachedDataset(cfg.train_cache, "none", cut, n, with_attrs=True, decoder=dec))
 
 
 def _check_matches(cfg, ds: CachedDataset, key: str) -> None:
