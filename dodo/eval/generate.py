@@ -5,7 +5,7 @@ whole sequence each step: the naive twin the cached path is tested against).
 Written against the model's public attributes only (duck typing; the module is never
 imported): ``model.embed(images, input_ids) -> (B, P + T, d)`` (image prefix + text
 embeddings, which also sets FiLM's condition and the MoE routers' token ids),
-``model.lm`` (a Hugging Face causal LM taking ``inputs_embeds`` / ``past_key_values``),
+``model.lm`` (a Hugging Face causal LM taking ``inputs_embeds`` and a KV cache),
 ``model.image_encoder`` + ``model.prefix`` (interleaved prompts), ``model.moe`` (None or
 its ``set_tokens``) and ``model.eos_token_id``.
 
@@ -17,6 +17,7 @@ prefix built outside the LM. The steps are the textbook ones (HF's logits proces
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -46,8 +47,10 @@ class _Stepper:
         self.embeds = embeds  # (B, L, d) the prompt, then every token fed so far (no cache)
         self.token_ids: list[torch.Tensor] = []  # (B,) per step: MoE routers without cache
         self.n_prompt = embeds.shape[1]
+        # transformers 5 renamed past_key_values to `cache` (the old name warns, then goes).
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.lm.forward).parameters else "past_key_values"
         out = model.lm(inputs_embeds=embeds, use_cache=use_cache)
-        self.past = out.past_key_values if use_cache else None
+        self.past = self._past(out) if use_cache else None
         self.logits = out.logits[:, -1].float()  # (B, V)
 
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -57,8 +60,8 @@ class _Stepper:
         if self.use_cache:
             if moe is not None:  # the new token's id for hash / modality routing
                 moe.set_tokens(ids[:, None], 0)
-            out = self.model.lm(inputs_embeds=emb, past_key_values=self.past, use_cache=True)
-            self.past = out.past_key_values
+            out = self.model.lm(inputs_embeds=emb, use_cache=True, **{self.cache_arg: self.past})
+            self.past = self._past(out)
         else:
             self.embeds = torch.cat([self.embeds, emb], dim=1)
             self.token_ids.append(ids)
@@ -67,6 +70,10 @@ class _Stepper:
             out = self.model.lm(inputs_embeds=self.embeds, use_cache=False)
         self.logits = out.logits[:, -1].float()
         return self.logits
+
+    @staticmethod
+    def _past(out: Any) -> Any:
+        return out["cache"] if "cache" in out else out["past_key_values"]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` (beam search)."""

@@ -1,0 +1,154 @@
+"""eval.suites: the submit-time check reads real caches' manifests (Karpathy COCO with 5
+captions per image, CIFAR-10 pickles, ImageNet-style class folders, the synthetic generator),
+and the runner returns per-dataset keys with the OOD mean."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import data_helpers as dh  # noqa: E402
+
+from dodo.config.errors import ConfigError  # noqa: E402
+from dodo.config.loader import load_job  # noqa: E402
+from dodo.eval import classnames as cn  # noqa: E402
+from dodo.eval.config import EvalDataset, EvalSuite  # noqa: E402
+from dodo.eval.runner import SuiteHooks, ood_means, run_suites  # noqa: E402
+from dodo.eval.suites import check_suites, effective_suites  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> dict[str, Path]:
+    from PIL import Image
+
+    from dodo.data.cache import CacheOptions, build_cache
+
+    root = tmp_path_factory.mktemp("eval_caches")
+    quiet = dict(log=lambda m: None)
+    js, imgs = dh.write_karpathy(root / "k", 10)
+    build_cache(CacheOptions(source="karpathy", src=str(js), out=str(root / "coco"), images=str(imgs),
+                             image_size=16, split="test,val"), **quiet)
+    c = dh.write_cifar10(root / "c")
+    for split in ("train", "test"):
+        build_cache(CacheOptions(source="cifar", src=str(c), out=str(root / f"cifar_{split}"), image_size=16,
+                                 split=split), **quiet)
+    tree, mapping = dh.write_imagenet_folders(root / "in", 3, 2)
+    build_cache(CacheOptions(source="folder", src=str(tree), out=str(root / "folders"), image_size=16,
+                             classnames=str(mapping)), **quiet)
+    # An ImageNet-R-like tree: 3 of its 200 classes, folders named by their real wnids.
+    order = cn.imagenet_wnids()
+    r_tree = root / "r"
+    for label, idx in enumerate(cn.subset_indices("imagenet_r")[:3]):
+        (r_tree / order[idx]).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((16, 16, 3), 40 * label + i, np.uint8)).save(r_tree / order[idx] / f"{i}.jpg")
+    build_cache(CacheOptions(source="folder", src=str(r_tree), out=str(root / "imagenet_r"), image_size=16), **quiet)
+    build_cache(CacheOptions(source="synthetic", src="eval", out=str(root / "shapes"), num=40, image_size=16), **quiet)
+    return {p.name: p for p in root.iterdir() if (p / "manifest.json").exists()}
+
+
+def job(caches: dict[str, Path], suites: str, data: str = "coco") -> object:
+    return load_job(REPO / "jobs/demo.yaml", ["data.kind=hdf5", f"data.train_cache={caches[data]}",
+                                              "data.eval_cache=''", "data.synthetic_on_first_use=false",
+                                              f"eval.suites={suites}"])
+
+
+def test_suites_the_data_can_feed_pass(caches):
+    c = caches
+    check_suites(job(c, f"[{{kind: retrieval, datasets: [{{name: coco_5k, cache: {c['coco']}}}]}},"
+                        f" {{kind: zeroshot, datasets: [{{name: cifar10, cache: {c['cifar_test']}}},"
+                        f"  {{name: in_r, cache: {c['imagenet_r']}, classnames: 'clip_benchmark:imagenet1k',"
+                        f"    class_subset: imagenet_r, tag: ood}}]}},"
+                        f" {{kind: knn, datasets: [{{name: cifar10, cache: {c['cifar_test']}, train_cache: {c['cifar_train']}}}]}},"
+                        f" {{kind: linear_probe, datasets: [{{name: c10, cache: {c['cifar_test']}, train_cache: {c['cifar_train']}}}]}},"
+                        f" {{kind: captioning, datasets: [{{name: heldout}}]}}]"))
+    check_suites(job(c, "[{kind: shapes}]", data="shapes"))
+
+
+@pytest.mark.parametrize("suites, data, match", [
+    ("[{kind: retrieval}, {kind: zeroshot, datasets: [{name: flickr_test, cache: COCO}]}]", "coco",
+     r"^eval.suites\[1\] zeroshot on dataset 'flickr_test' \(.*coco\): the cache has no labels; "
+     r"zero-shot classification needs a labelled cache \(dodo data cache SRC --from folder\|cifar"),
+    ("[{kind: shapes}]", "coco", r"eval.suites\[0\] shapes on dataset 'heldout' \(data.train_cache=.*\): "
+                                 r"the data is not the synthetic shapes data"),
+    ("[{kind: retrieval, datasets: [{name: c10, cache: CIFAR_TEST}]}]", "coco", "the cache has no captions"),
+    ("[{kind: knn, datasets: [{name: c10, cache: CIFAR_TEST, train_cache: COCO}]}]", "coco",
+     "its training \\(bank\\) cache has no labels"),
+    ("[{kind: zeroshot, datasets: [{name: r, cache: FOLDERS, classnames: 'clip_benchmark:imagenet1k'}]}]", "coco",
+     "the cache has 3 classes but classnames 'clip_benchmark:imagenet1k' gives 1000"),
+    ("[{kind: zeroshot, datasets: [{name: r, cache: FOLDERS, class_subset: imagenet_r}]}]", "coco",
+     "are not ImageNet wnids"),
+    ("[{kind: zeroshot, datasets: [{name: r, cache: FOLDERS, templates: /no/such.txt}]}]", "coco",
+     "neither clip_benchmark:<dataset> nor a file"),
+    ("[{kind: zeroshot, datasets: [{name: s, cache: SHAPES}]}]", "coco", "use kind: shapes"),
+    ("[{kind: retrieval, datasets: [{name: gone, cache: /no/such/cache}]}]", "coco", "does not exist"),
+])
+def test_suites_the_data_cannot_feed_are_refused_in_one_line(caches, suites, data, match):
+    for name in ("COCO", "CIFAR_TEST", "FOLDERS", "SHAPES"):
+        suites = suites.replace(name, str(caches[name.lower()]))
+    with pytest.raises(ConfigError, match=match) as err:
+        check_suites(job(caches, suites, data))
+    assert "\n" not in str(err.value)
+
+
+def test_defaults_and_family_hooks(caches):
+    shapes_job = job(caches, "[]", data="shapes")
+    assert [s.kind for s in effective_suites(shapes_job, ("retrieval",))] == ["shapes"]
+    assert [s.kind for s in effective_suites(load_job(REPO / "jobs/demo.yaml"))] == ["shapes"]
+    real = job(caches, "[]")
+    assert [s.kind for s in effective_suites(real, ("captioning",))] == ["captioning"]
+    with pytest.raises(ConfigError, match="has no generate for captioning"):
+        check_suites(job(caches, "[{kind: captioning}]"), hooks=("encode_images", "encode_texts"))
+
+
+def test_ood_means():
+    per = {"a": {"top1": 0.5, "top5": 0.9}, "b": {"top1": 0.2}, "c": {"top1": 0.4, "top5": 0.7}}
+    assert ood_means(per, {"a": "id", "b": "ood", "c": "ood"}) == {"top1": pytest.approx(0.3), "top5": 0.7}
+
+
+def test_run_suites_on_real_caches(caches):
+    from dodo.data.dataset import CachedDataset
+    from dodo.data.manifest import describe
+
+    g = torch.Generator().manual_seed(0)
+    proj = torch.randn(16 * 16 * 3, 8, generator=g)
+    encode_images = lambda x: x.reshape(len(x), -1).float() @ proj  # noqa: E731  (B, H, W, 3) -> (B, 8)
+    words: dict[str, torch.Tensor] = {}
+
+    def encode_texts(texts: list[str]) -> torch.Tensor:  # bag of random word vectors
+        return torch.stack([sum(words.setdefault(w, torch.randn(8, generator=g)) for w in t.split()) for t in texts])
+
+    c = caches
+    coco = CachedDataset(c["coco"], verify="none")
+    refs: dict[int, str] = {}
+    for i in range(len(coco)):
+        refs.setdefault(coco[i].image_id, coco[i].caption)
+    lookup = {coco[i].image.tobytes(): refs[coco[i].image_id] for i in range(len(coco))}
+    hooks = SuiteHooks(open_cache=lambda p: CachedDataset(p, verify="none"), heldout=coco,
+                       encode_images=encode_images, encode_texts=encode_texts, describe=describe,
+                       generate=lambda images: [lookup[im.tobytes()] for im in images])
+    suites = [EvalSuite(kind="retrieval", datasets=[EvalDataset(name="coco", cache=str(c["coco"])),
+                                                    EvalDataset(name="coco_again", tag="ood")]),
+              EvalSuite(kind="zeroshot", datasets=[EvalDataset(name="cifar10", cache=str(c["cifar_test"])),
+                                                   EvalDataset(name="in_r", cache=str(c["imagenet_r"]), tag="ood",
+                                                               classnames="clip_benchmark:imagenet1k",
+                                                               class_subset="imagenet_r")]),
+              EvalSuite(kind="knn", k=3, datasets=[EvalDataset(name="cifar10", cache=str(c["cifar_test"]),
+                                                               train_cache=str(c["cifar_train"]))]),
+              EvalSuite(kind="captioning", datasets=[EvalDataset(name="coco")])]
+    m = run_suites(suites, hooks)
+    from dodo.eval.retrieval import run_retrieval
+    assert m["eval.retrieval.coco.t2i_r1"] == run_retrieval(encode_images, encode_texts, coco)["t2i_r1"]
+    assert m["eval.retrieval.ood_mean.r_mean"] == m["eval.retrieval.coco_again.r_mean"]
+    assert {"eval.zeroshot.cifar10.top1", "eval.zeroshot.cifar10.top5", "eval.zeroshot.in_r.top1",
+            "eval.zeroshot.ood_mean.top5", "eval.knn.cifar10.top1"} <= set(m)
+    assert all(0.0 <= v <= 1.0 for k, v in m.items() if k.startswith(("eval.zeroshot", "eval.knn")))
+    # a generator that returns one of the references scores far above zero on BLEU-4 and CIDEr-D
+    assert m["eval.captioning.coco.bleu4"] > 0.5 and m["eval.captioning.coco.cider"] > 1.0
