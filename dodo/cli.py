@@ -310,6 +310,9 @@ def _print_dry_run(cfg, backend, config_text: str, missing: list[str]) -> int:
     print(f"# launch plan ({backend.name} backend)\n{backend.launch_plan(cfg, run_path)}\n")
     print("# DeepSpeed config per rank (precision resolved per device at run time; CPU shown)")
     print(json.dumps(deepspeed_config(cfg, cfg.cluster.world_size, "fp32"), indent=2))
+    plan = getattr(cfg.model.moe, "plan", None)  # model.moe.ep_size: auto (dodo/moe/planner.py)
+    if plan is not None:
+        print("\n# expert placement (estimates per GPU per step, docs/scaling.md)\n" + "\n".join(plan.lines()))
     for problem in missing:
         print(f"\n# warning: {problem}")
     print("\n# dry run: nothing was submitted or written")

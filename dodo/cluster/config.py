@@ -51,6 +51,10 @@ class ClusterConfig:
     array_parallel: int = 0  # sweeps: at most this many points at once (0: as many as fit)
     # -- what a node of the site has (0: not stated, not checked)
     gpus_per_node: int = 0
+    # Published bandwidths, GB/s (gigabytes): per GPU inside a node, per node between nodes;
+    # 0 = unknown. Used by the expert-placement planner (model.moe.ep_size: auto, docs/scaling.md).
+    nvlink_gbps: float = 0.0
+    network_gbps: float = 0.0
     cpus_per_node: int = 0
     # -- Slurm
     partition: str = ""

@@ -359,8 +359,14 @@ def _convert(value: Any, tp: Any, path: str, sources: Mapping[str, str]) -> Any:
         if value is None and type(None) in args:
             return None
         rest = [a for a in args if a is not type(None)]
-        if len(rest) != 1:
-            raise TypeError(f"config field {path}: unions other than Optional[X] are not supported")
+        if len(rest) != 1:  # e.g. int | Literal["auto"]: the first alternative that takes the value
+            errors = []
+            for alt in rest:
+                try:
+                    return _convert(value, alt, path, sources)
+                except ConfigError as err:
+                    errors.append(str(err).split(f"{path} must be ", 1)[-1].split(", got ", 1)[0])
+            raise wrong(" or ".join(errors))
         return _convert(value, rest[0], path, sources)
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in args):

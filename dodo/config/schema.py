@@ -29,6 +29,10 @@ class JobConfig:
         check(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), "name",
               f"must be a non-empty name of letters, digits, '-', '_' or '.', got {self.name!r}")
         moe, world = self.model.moe, self.cluster.world_size
+        if moe.ep_size == "auto":  # chosen from the model and the cluster profile (docs/scaling.md)
+            from dodo.moe.planner import choose_for
+            moe.plan = choose_for(self) if moe.enabled else None  # kept for `dodo submit --dry-run`
+            moe.ep_size = moe.plan.ep_size if moe.plan else 1
         if moe.enabled:
             check(self.deepspeed.zero_stage != 3, "deepspeed.zero_stage",
                   f"is 3 with model.moe.num_experts={moe.num_experts}, but DeepSpeed does not support MoE "

@@ -38,7 +38,10 @@ class MoEConfig:
     hash_table: Literal["balanced", "random"] = "balanced"
     hash_seed: int = 0
     vl_from_layer: int = -1  # modality: from this LM block on, every token -> expert 2; -1: never
-    ep_size: int = 1  # expert-parallel group size: experts split over this many ranks
+    # Expert-parallel group size: experts split over this many ranks (1: every rank holds all
+    # experts, their gradients all-reduced). "auto": dodo.moe.planner picks it from the model and
+    # the cluster profile's bandwidths when the job config is resolved (docs/scaling.md).
+    ep_size: int | Literal["auto"] = 1
     # Sparse upcycling: start every expert as a copy of a trained dense adapter. A file written
     # by `dodo upcycle`, a dense run directory (its latest checkpoint), or a folder of runs
     # (the newest one with a checkpoint, e.g. runs/demo). Empty: experts start fresh.
@@ -51,7 +54,7 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         check(self.num_experts >= 0, "num_experts", f"must be >= 0 (0 turns MoE off), got {self.num_experts}")
-        check(self.ep_size >= 1, "ep_size", f"must be >= 1, got {self.ep_size}")
+        check(self.ep_size == "auto" or self.ep_size >= 1, "ep_size", f"must be >= 1 or auto, got {self.ep_size}")
         check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
         check(self.capacity_factor > 0, "capacity_factor", f"must be > 0, got {self.capacity_factor}")
         check(self.eval_capacity_factor > 0, "eval_capacity_factor", f"must be > 0, got {self.eval_capacity_factor}")
@@ -61,8 +64,8 @@ class MoEConfig:
         check(self.noise_std >= 0, "noise_std", f"must be >= 0, got {self.noise_std}")
         check(0 <= self.jitter_eps < 1, "jitter_eps", f"must be in [0, 1), got {self.jitter_eps}")
         check(self.upcycle_noise >= 0, "upcycle_noise", f"must be >= 0, got {self.upcycle_noise}")
-        if not self.enabled:
-            return
+        if not self.enabled or self.ep_size == "auto":
+            return  # auto: resolved by JobConfig (it needs the world size), dodo.moe.planner
         check(self.num_experts % self.ep_size == 0, "ep_size",
               f"must divide model.moe.num_experts={self.num_experts}, got {self.ep_size}: each rank "
               f"of the expert-parallel group holds num_experts / ep_size experts; set model.moe.ep_size to "
