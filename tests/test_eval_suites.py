@@ -152,3 +152,61 @@ def test_run_suites_on_real_caches(caches):
     assert all(0.0 <= v <= 1.0 for k, v in m.items() if k.startswith(("eval.zeroshot", "eval.knn")))
     # a generator that returns one of the references scores far above zero on BLEU-4 and CIDEr-D
     assert m["eval.captioning.coco.bleu4"] > 0.5 and m["eval.captioning.coco.cider"] > 1.0
+
+
+def test_shapes_suite_id_and_ood():
+    from dodo.data.synthetic import SyntheticShapes
+    from dodo.eval import shapes
+
+    heldout = SyntheticShapes("eval", 60, 16, seed=3)
+    truth = {heldout[i].image.tobytes(): heldout[i].caption for i in range(len(heldout))}
+    suite = EvalSuite(kind="shapes", num_ood=10)
+    pool = shapes.ood_pool(10, shapes.DEFAULT_HOLDOUT, 16, 3)
+    truth.update({pool[i].image.tobytes(): pool[i].caption for i in range(len(pool))})
+
+    def generate(images):  # right caption for every second image, a wrong colour otherwise
+        out = []
+        for im in images:
+            cap = truth[im.tobytes()]
+            out.append(cap if len(out) % 2 == 0 else cap.replace(cap.split()[2], "orange"))
+        return out
+    hooks = SuiteHooks(open_cache=lambda p: None, heldout=heldout, generate=generate,
+                       shapes_ood=lambda s: shapes.ood_pool(s.num_ood, shapes.DEFAULT_HOLDOUT, 16, 3))
+    m = run_suites([suite], hooks)
+    assert set(m) == {"eval.shapes.heldout.caption_accuracy", "eval.shapes.ood.caption_accuracy",
+                      "eval.shapes.ood_mean.caption_accuracy"}
+    assert 0.45 <= m["eval.shapes.heldout.caption_accuracy"] <= 0.55
+    assert m["eval.shapes.ood.caption_accuracy"] == m["eval.shapes.ood_mean.caption_accuracy"] == 0.5
+
+
+def test_real_data_never_imports_the_generator(caches, tmp_path):
+    """Checking and running suites on real caches leaves dodo.data.synthetic unimported."""
+    import subprocess
+
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from dodo.config.loader import load_job
+from dodo.eval.suites import check_suites
+cfg = load_job({str(REPO / 'jobs/clip_lora.yaml')!r}, ["data.kind=hdf5", "data.train_cache={caches['coco']}",
+               "data.eval_cache=''", "data.synthetic_on_first_use=false",
+               "eval.suites=[{{kind: retrieval}}, {{kind: zeroshot, datasets: [{{name: c, cache: {caches['cifar_test']}}}]}}]"])
+check_suites(cfg)
+assert "dodo.data.synthetic" not in sys.modules and "dodo.data.ingest.synthetic" not in sys.modules, "imported"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_table_order_and_tags():
+    from dodo.eval.results import column_label, dataset_tags, order_metric_keys
+
+    suites = [EvalSuite(kind="zeroshot", datasets=[EvalDataset(name="imagenet"), EvalDataset(name="in_r", tag="ood"),
+                                                   EvalDataset(name="in_a", tag="ood")])]
+    tags = dataset_tags(suites)
+    assert tags == {"zeroshot": {"imagenet": "id", "in_r": "ood", "in_a": "ood"}}
+    keys = ["eval.zeroshot.ood_mean.top1", "eval.zeroshot.in_r.top1", "eval.loss", "eval.zeroshot.imagenet.top1",
+            "eval.zeroshot.in_a.top1"]
+    assert order_metric_keys(keys, tags) == ["eval.loss", "eval.zeroshot.imagenet.top1", "eval.zeroshot.in_a.top1",
+                                             "eval.zeroshot.in_r.top1", "eval.zeroshot.ood_mean.top1"]
+    assert column_label("eval.zeroshot.in_r.top1", tags) == "zeroshot in_r top1 (ood)"
+    assert dataset_tags([EvalSuite(kind="shapes")]) == {"shapes": {"heldout": "id", "ood": "ood"}}

@@ -47,6 +47,14 @@ def check_holdout(holdout: Sequence[str]) -> str | None:
     return None
 
 
+def ood_pool(num_ood: int, holdout: Sequence[str], image_size: int, seed: int) -> Any:
+    """The OOD images' source: a fresh stream of the generator (seed + 1, so it does not repeat
+    the held-out split), large enough to hold ``num_ood`` images of the held-out pairs."""
+    from dodo.data.synthetic import SyntheticShapes
+
+    return SyntheticShapes("eval", 2 * num_ood * 18 // max(1, len(holdout)), image_size, seed + 1)
+
+
 def label_of(sample: Any) -> str:
     """A sample's "colour shape" class from the generator's attributes."""
     return f"{sample.attrs['colour']} {sample.attrs['shape']}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dodo.config.errors import ConfigError
+from dodo.config.errors import ConfigError, ConfigValueError
 from dodo.eval.config import HELDOUT, EvalDataset, EvalSuite
 
 
@@ -110,8 +110,11 @@ def effective_suites(cfg: Any, default_kinds: Sequence[str] = ()) -> list[EvalSu
             synthetic = run_data_facts(data, "eval").synthetic
         except ConfigError:
             synthetic = False
-    if synthetic:
-        return [EvalSuite(kind="shapes", ood_holdout=list(cfg.eval.ood_holdout), num_ood=cfg.eval.num_ood)]
+    if synthetic:  # EvalSuite checks the legacy holdout's words against the generator here
+        try:
+            return [EvalSuite(kind="shapes", ood_holdout=list(cfg.eval.ood_holdout), num_ood=cfg.eval.num_ood)]
+        except ConfigValueError as err:
+            raise ConfigError(f"eval.ood_holdout{err.message}") from None
     return [EvalSuite(kind=k) for k in default_kinds]
 
 
