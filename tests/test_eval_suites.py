@@ -133,7 +133,8 @@ def test_run_suites_on_real_caches(caches):
     lookup = {coco[i].image.tobytes(): refs[coco[i].image_id] for i in range(len(coco))}
     hooks = SuiteHooks(open_cache=lambda p: CachedDataset(p, verify="none"), heldout=coco,
                        encode_images=encode_images, encode_texts=encode_texts, describe=describe,
-                       generate=lambda images: [lookup[im.tobytes()] for im in images])
+                       generate=lambda images, **decoding: seen.append(decoding) or [lookup[im.tobytes()] for im in images])
+    seen: list[dict] = []
     suites = [EvalSuite(kind="retrieval", datasets=[EvalDataset(name="coco", cache=str(c["coco"])),
                                                     EvalDataset(name="coco_again", tag="ood")]),
               EvalSuite(kind="zeroshot", datasets=[EvalDataset(name="cifar10", cache=str(c["cifar_test"])),
@@ -142,7 +143,7 @@ def test_run_suites_on_real_caches(caches):
                                                                class_subset="imagenet_r")]),
               EvalSuite(kind="knn", k=3, datasets=[EvalDataset(name="cifar10", cache=str(c["cifar_test"]),
                                                                train_cache=str(c["cifar_train"]))]),
-              EvalSuite(kind="captioning", datasets=[EvalDataset(name="coco")])]
+              EvalSuite(kind="captioning", decoding="beam", beams=2, datasets=[EvalDataset(name="coco")])]
     m = run_suites(suites, hooks)
     from dodo.eval.retrieval import run_retrieval
     assert m["eval.retrieval.coco.t2i_r1"] == run_retrieval(encode_images, encode_texts, coco)["t2i_r1"]
@@ -152,6 +153,7 @@ def test_run_suites_on_real_caches(caches):
     assert all(0.0 <= v <= 1.0 for k, v in m.items() if k.startswith(("eval.zeroshot", "eval.knn")))
     # a generator that returns one of the references scores far above zero on BLEU-4 and CIDEr-D
     assert m["eval.captioning.coco.bleu4"] > 0.5 and m["eval.captioning.coco.cider"] > 1.0
+    assert seen[0] == {"method": "beam", "beams": 2}  # the suite's decoding reaches the family's hook
 
 
 def test_shapes_suite_id_and_ood():

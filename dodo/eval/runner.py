@@ -24,7 +24,7 @@ class SuiteHooks:
     train: Any = None  # the run's training split: the kNN / probe bank when train_cache is ""
     encode_images: Optional[Callable] = None  # (B, H, W, 3) uint8 tensor -> (B, D)
     encode_texts: Optional[Callable] = None  # list[str] -> (B, D)
-    generate: Optional[Callable] = None  # list of (H, W, 3) uint8 images -> list[str]
+    generate: Optional[Callable] = None  # (list of (H, W, 3) uint8 images, **decoding) -> list[str]
     describe: Optional[Callable[[str], Any]] = None  # a cache path -> its Manifest (class names)
     shapes_ood: Optional[Callable[[EvalSuite], Any]] = None  # shapes: the OOD pool (see shapes.py)
     cache: dict = field(default_factory=dict)  # opened datasets, by path
@@ -69,10 +69,24 @@ def run_dataset(suite: EvalSuite, ds: EvalDataset, hooks: SuiteHooks) -> dict[st
                                 suite.bank, ds.limit)
     if suite.kind == "captioning":
         from dodo.eval.caption_metrics import run_captioning
-        return run_captioning(hooks.generate, test, ds.limit)
+        settings = decoding(suite)
+        return run_captioning(lambda images: hooks.generate(images, **settings), test, ds.limit)
     if suite.kind == "shapes":
         return run_shapes(suite, ds, test, hooks)
     raise ValueError(f"unknown suite kind {suite.kind!r}; one of {sorted(KINDS)}")
+
+
+def decoding(suite: EvalSuite) -> dict[str, Any]:
+    """The captioning suite's decoding options as dodo.eval.generate.Decoding's fields (what the
+    family's generate hook takes); max_tokens only when set (else the family's default)."""
+    out: dict[str, Any] = {"method": suite.decoding}
+    if suite.decoding == "beam":
+        out["beams"] = suite.beams
+    if suite.decoding == "sample":
+        out.update(temperature=suite.sample_temperature, top_k=suite.top_k, top_p=suite.top_p)
+    if suite.max_tokens:
+        out["max_tokens"] = suite.max_tokens
+    return out
 
 
 def run_shapes(suite: EvalSuite, ds: EvalDataset, test: Any, hooks: SuiteHooks) -> dict[str, float]:
