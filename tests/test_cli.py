@@ -167,3 +167,19 @@ def _update_status(args: tuple[str, str]) -> None:
 
     path, key = args
     RunDir(Path(path)).update_status(**{key: 1})
+
+
+def test_logs_cancel_status_of_a_run_import_no_torch(tmp_path: Path):
+    from dodo.cluster.backend import JobRecord
+    from dodo.rundir import RunDir
+
+    run = RunDir.create(tmp_path / "runs", "r", "name: r\n")
+    run.rank_log(0).write_text("step 1\n")
+    JobRecord("local", "1", time.time(), {"pids": []}).save(run)
+    for args in (["logs", str(run.path)], ["status", str(run.path)], ["cancel", str(run.path)]):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dodo", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert imported and not imported & set(HEAVY), (args, sorted(imported & set(HEAVY)))
