@@ -11,6 +11,9 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
+# The venv's tools (pip's ninja, cmake) come first for anything the install builds.
+$(STAMP): export PATH := $(abspath $(BIN)):$(PATH)
+
 $(STAMP): setup.cfg pyproject.toml hpc/install-system-deps.sh
 	bash hpc/install-system-deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +23,8 @@ $(STAMP): setup.cfg pyproject.toml hpc/install-system-deps.sh
 	# clip_benchmark: only its shipped class-name / template lists are read (dodo/eval/classnames.py);
 	# it declares torchvision and open_clip, which we neither need nor can install: --no-deps.
 	$(BIN)/python -m pip install --quiet --no-deps 'clip_benchmark>=1.6,<2'
-	$(BIN)/python -c "from dodo.distributed.engine import build_cpu_ops; build_cpu_ops()"
+	@# No compiled DeepSpeed op is needed: dodo skips DeepSpeed's CPU comm op (it is only used
+	@# for inference all-reduce), so no rank ever JIT-compiles (dodo/distributed/engine.py).
 	touch $(STAMP)
 
 demo: install

@@ -14,7 +14,7 @@ from dodo.data.device import DeviceBatch, loader_options, to_device
 from dodo.data.synthetic import SyntheticShapes
 from dodo.data.tokenizer import load_tokenizer
 from dodo.models import build_model
-from dodo.models.config import ImageEncoderConfig, LMConfig, ModelConfig
+from dodo.models.magma.config import ImageEncoderConfig, LMConfig, MagmaModelConfig as ModelConfig
 
 TOKENIZER = load_tokenizer("builtin:synthetic")
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
@@ -119,3 +119,24 @@ def test_loader_options():
     assert loader_options(torch.device("cpu"), 0, 4) == {"pin_memory": False}
     assert loader_options(torch.device("cuda"), 2, 4) == {"pin_memory": True, "persistent_workers": True,
                                                           "prefetch_factor": 4}
+
+
+def test_frozen_lm_uses_torchs_fused_gelu_with_the_same_outputs():
+    from transformers import AutoModelForCausalLM
+
+    from dodo.models.magma.config import LMConfig
+    from dodo.models.magma.model import build_lm
+
+    for arch in ("gpt2", "gptj"):
+        torch.manual_seed(0)
+        lm = build_lm(LMConfig(arch=arch, d_model=32, n_head=2, n_layer=2, n_positions=40, rotary_dim=8),
+                      vocab_size=50, eos_token_id=0).eval()
+        assert lm.config.activation_function == "gelu_pytorch_tanh"
+        assert any(type(m).__name__ == "GELUTanh" for m in lm.modules())
+        slow_cfg = lm.config.__class__(**{**lm.config.to_dict(), "activation_function": "gelu_new"})
+        slow = AutoModelForCausalLM.from_config(slow_cfg).eval()
+        slow.load_state_dict(lm.state_dict())
+        assert any(type(m).__name__ == "NewGELUActivation" for m in slow.modules())
+        ids = torch.randint(0, 50, (2, 12))
+        with torch.no_grad():
+            torch.testing.assert_close(lm(ids).logits, slow(ids).logits, atol=1e-5, rtol=1e-5)

@@ -46,11 +46,25 @@ def use_cpu_accelerator() -> None:
 
 
 def build_cpu_ops() -> None:
-    """Compile DeepSpeed's CPU comm op now (`make install` does), not in the first run's ranks."""
+    """Nothing to build: dodo skips DeepSpeed's CPU comm op (see `skip_cpu_comm_op`), so neither
+    `make install` nor a rank compiles anything. Kept for install scripts that still call it."""
     use_cpu_accelerator()
-    from deepspeed.comm.torch import build_shm_op
+    skip_cpu_comm_op()
 
-    build_shm_op()
+
+def skip_cpu_comm_op() -> None:
+    """Never JIT-build DeepSpeed's shared-memory CPU comm op inside a rank.
+
+    DeepSpeed builds it when its torch backend starts, with whichever `ninja` comes first on
+    PATH; the venv's ninja and the system's write different command hashes into `.ninja_log`,
+    so each switch rebuilt it inside the ranks (43-85 s; 134 s from submit to step 0 measured).
+    DeepSpeed uses the op only for `inference_all_reduce`, which dodo never calls, and without it
+    that falls back to torch.distributed. Marking it incompatible (DeepSpeed's own switch, read by
+    `build_shm_op`) makes start-up independent of PATH: tests/test_perf_startup.py.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def init_distributed(env: DistEnv, timeout_s: float | None = None) -> None:
@@ -65,6 +79,7 @@ def init_distributed(env: DistEnv, timeout_s: float | None = None) -> None:
     import deepspeed
 
     env.export()
+    skip_cpu_comm_op()
     extra = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False, **extra)
