@@ -45,7 +45,8 @@ class ModelConfig:
               f"{spec.config.__module__}.{spec.config.__name__}")
         why = spec.refused_adapters.get(self.adapter.kind)
         check(why is None, "adapter.kind",
-              f"model.family={self.family} does not take {self.adapter.kind} adapters ({why}); use one of "
+              f"is {self.adapter.kind}, but model.family={self.family} does not take {self.adapter.kind} adapters "
+              f"({why}); use one of "
               + ", ".join(k for k in adapter_kinds() if k not in spec.refused_adapters))
         check(not self.moe.enabled or spec.supports_moe, "moe.num_experts",
               f"MoE adapters go into the MAGMA LM; model.family={self.family} has none: "

@@ -1,9 +1,9 @@
 """The model-family registry: each family folder exports one ``FamilySpec``, found by name.
 
 ``dodo/models/<family>/__init__.py`` defines ``FAMILY = FamilySpec(...)``: the family's section
-of ``model:`` (a ``ModelConfig`` subclass), its model builder, the task it trains (a
-``"module:callable"`` reference that ``dodo.tasks.build_task`` resolves, so this models-layer
-module never imports the tasks layer), the adapter kinds it refuses, whether it takes MoE
+of ``model:`` (a ``ModelConfig`` subclass), its model builder and the task it trains (both
+``"module:callable"`` references, resolved on use: the spec is torch-free config-level data and
+imports neither the model nor the tasks layer), the adapter kinds it refuses, whether it takes MoE
 adapters, its size flavours (configs/model/*.yaml) and its submit-time checks. Nothing else
 in dodo switches on the family name: it asks ``family(name)``.
 
@@ -43,8 +43,9 @@ class FamilySpec:
     name: str
     # The family's ModelConfig subclass: the shared keys plus the family's own section.
     config: type
-    # (model cfg, vocab_size, eos_token_id, mask_token_id, InitState) -> nn.Module
-    build_model: Callable[..., Any]
+    # "module:callable" taking (model cfg, vocab_size, eos_token_id, mask_token_id, InitState)
+    # and returning the nn.Module; a reference, so that this torch-free spec imports no model code.
+    model: str
     # "module:callable" taking (JobConfig, InitState) and returning the family's Task.
     task: str
     # The adapter kinds the family cannot take, kind -> why (refused at submit).
@@ -93,6 +94,12 @@ def family(name: str) -> FamilySpec:
 
 def all_families() -> list[FamilySpec]:
     return [family(n) for n in names()]
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int, mask_token_id: Optional[int] = None,
+                init: Optional[InitState] = None) -> Any:
+    """The model of ``cfg.family`` (an nn.Module), sized to the tokenizer's vocabulary."""
+    return resolve(family(cfg.family).model)(cfg, vocab_size, eos_token_id, mask_token_id, init or InitState())
 
 
 def resolve(ref: str) -> Any:

@@ -53,5 +53,4 @@ def build_family_model(cfg: Any, tokenizer: Any, init: InitState | None = None) 
     """The family's model for ``cfg`` (a ModelConfig), sized to ``tokenizer``; its [UNK] (if
     any) is the mask token of masked modelling."""
     mask_id = tokenizer.convert_tokens_to_ids(tokenizer.unk_token) if tokenizer.unk_token else None
-    return registry.family(cfg.family).build_model(cfg, len(tokenizer), tokenizer.eos_token_id, mask_id,
-                                                   init or InitState())
+    return registry.build_model(cfg, len(tokenizer), tokenizer.eos_token_id, mask_id, init)

@@ -79,9 +79,10 @@ class ContrastiveTask(Task):
         txt_unique = torch.stack([txt[caps.index(t)] for t in texts])
         r = recall_at_k(img @ txt_unique.T, positives_from_captions(caps, texts), self.cfg.eval.retrieval_ks)
         out = {f"eval.{tag}.{k}": v for k, v in r.items()}
-        if shapes.is_shapes([ds[i] for i in range(min(len(ds), 16))]):  # shapes suite: zero-shot over its classes
-            cls = class_embeddings(lambda t: self.encode_texts(model, t), shapes.classes(), self.cfg.eval.templates)
-            zs = zero_shot_accuracy(img, cls, torch.tensor(shapes.labels(caps)), (1, 5))
+        if shapes.is_shapes([ds[i] for i in range(min(len(ds), 16))]):  # the shapes suite: zero-shot
+            samples = [ds[i] for i in range(len(ds))]                      # over its "colour shape" classes
+            cls = class_embeddings(lambda t: self.encode_texts(model, t), shapes.suite.classes(), self.cfg.eval.templates)
+            zs = zero_shot_accuracy(img, cls, torch.tensor(shapes.labels(samples)), (1, 5))
             out[f"eval.{tag}.zeroshot_top1"] = zs["top1"]
         return out
 
@@ -111,8 +112,8 @@ class ContrastiveTask(Task):
             b_lab = torch.tensor([s.label for s in b_samples])
             e_lab = torch.tensor([s.label for s in e_samples])
         elif shapes.is_shapes(b_samples + e_samples):
-            b_lab = torch.tensor(shapes.labels([s.caption for s in b_samples]))
-            e_lab = torch.tensor(shapes.labels([s.caption for s in e_samples]))
+            b_lab = torch.tensor(shapes.labels(b_samples))
+            e_lab = torch.tensor(shapes.labels(e_samples))
         else:
             return None
         was = model.training

@@ -16,8 +16,10 @@ import torch
 
 
 def to_model_images(images: Any, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W), (x / 255 - mean) / std; float (B, 3, H, W)
+    """uint8 (B, H, W, 3) (array, tensor or list of images) -> float32 (B, 3, H, W), (x / 255 - mean) / std; float (B, 3, H, W)
     is taken as already normalised (the collator's output)."""
+    if isinstance(images, (list, tuple)):  # a list of (H, W, 3) images
+        images = np.stack([np.asarray(i) for i in images])
     x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
     if x.dtype == torch.uint8:
         if x.ndim != 4 or x.shape[-1] != 3:

@@ -23,6 +23,7 @@ from dodo.adapters.film import FiLMCondition
 from dodo.adapters.inject import Block, freeze, inject
 from dodo.adapters.transfer import AdapterSource, start_from_sources
 from dodo.models.clip.config import ClipModelConfig
+from dodo.models.registry import InitState
 
 
 def clip_block_specs(clip: CLIPModel, prefix: str = "") -> list[Block]:
@@ -51,6 +52,13 @@ def build_clip(cfg: ClipModelConfig, vocab_size: int, eos_token_id: int) -> CLIP
         projection_dim=c.projection_dim, logit_scale_init_value=math.log(1 / c.init_temperature))
     config._attn_implementation = "eager"
     return CLIPModel(config)
+
+
+def build(cfg: ClipModelConfig, vocab_size: int, eos_token_id: int, mask_token_id: int | None = None,
+          init: InitState | None = None) -> "ClipDualEncoder":
+    """The family's model builder (FamilySpec.model)."""
+    return ClipDualEncoder(cfg, vocab_size, eos_token_id, mask_token_id,
+                           init_adapters=init.adapters if init is not None else None)
 
 
 class ClipDualEncoder(nn.Module):

@@ -7,27 +7,16 @@ task.py     the captioning task (tasks layer; found through FAMILY.task)
 
 from __future__ import annotations
 
-from typing import Any
-
 from dodo.models.magma.config import ImageEncoderConfig, LMConfig, MagmaModelConfig
-from dodo.models.registry import FamilySpec, InitState, register
+from dodo.models.registry import FamilySpec, register
 
 __all__ = ["FAMILY", "ImageEncoderConfig", "LMConfig", "MagmaModelConfig"]
-
-
-def build_model(cfg: MagmaModelConfig, vocab_size: int, eos_token_id: int, mask_token_id: int | None = None,
-                init: InitState | None = None) -> Any:
-    from dodo.models.magma.model import MagmaModel
-
-    del mask_token_id  # a causal LM masks nothing
-    dense = init.dense_state if init is not None else None
-    return MagmaModel(cfg, vocab_size=vocab_size, eos_token_id=eos_token_id, dense_state=dense)
 
 
 FAMILY = register(FamilySpec(
     name="magma",
     config=MagmaModelConfig,
-    build_model=build_model,
+    model="dodo.models.magma.model:build",
     task="dodo.models.magma.task:build_task",
     supports_moe=True,
     flavours={"tiny": "model/tiny", "gptj": "model/magma_gptj"},

@@ -18,6 +18,7 @@ from transformers import (AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionMode
 from dodo.adapters.film import FiLMCondition
 from dodo.adapters.inject import freeze, inject_adapters
 from dodo.models.magma.config import ImageEncoderConfig, LMConfig, MagmaModelConfig
+from dodo.models.registry import InitState
 
 IGNORE_INDEX = -100
 
@@ -93,6 +94,12 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, N, hidden)
         return self.net(pixel_values=images).last_hidden_state[:, 1:]
+
+
+def build(cfg: MagmaModelConfig, vocab_size: int, eos_token_id: int, mask_token_id: int | None = None,
+          init: InitState | None = None) -> "MagmaModel":
+    """The family's model builder (FamilySpec.model); a causal LM masks nothing."""
+    return MagmaModel(cfg, vocab_size, eos_token_id, dense_state=init.dense_state if init is not None else None)
 
 
 class MagmaModel(nn.Module):

@@ -1,8 +1,9 @@
 """MAGMA's task: image captioning with the prefix LM, scored by held-out loss and captions.
 
 Tasks layer (found through ``dodo.models.magma.FAMILY.task``). For evaluation suites it
-exposes ``generate(model, images, prompt=None, **decoding) -> list[str]`` and the prefix
-embedding + LM through the model (``model.embed``, ``model.lm``), as docs/architecture.md says.
+exposes ``generate(model, images, prompt=None, **decoding) -> list[str]`` (dodo/eval/generate.py:
+greedy, beam, sampling, KV cache) and the prefix embedding + LM through the model
+(``model.embed``, ``model.lm``, ``model.prefix``), as docs/architecture.md says.
 The caption check of the final report is the synthetic shapes suite's (dodo/tasks/shapes.py);
 on other data the report lists the captions without scoring them.
 """
@@ -41,19 +42,16 @@ class CaptioningTask(Task):
     # ---------------------------------------------------------------- hooks for eval suites
 
     @torch.no_grad()
-    def generate(self, model: nn.Module, images: Any, prompt: str | None = None,
-                 max_tokens: int | None = None, **decoding: Any) -> list[str]:
-        """Greedy captions for ``images`` (uint8 (B, H, W, 3) or normalised float (B, 3, H, W)).
+    def generate(self, model: nn.Module, images: Any, prompt: str | None = None, **decoding: Any) -> list[str]:
+        """Captions for ``images`` (uint8 (B, H, W, 3) or normalised float (B, 3, H, W)), the
+        ``prompt`` text following each image; ``decoding``: dodo.eval.generate.Decoding's fields
+        (method greedy | beam | sample, max_tokens, beams, temperature, top_k, top_p, seed...)."""
+        from dodo.eval.generate import Decoding, generate_captions
 
-        Prompts and other decoding strategies (beam, sampling) are not implemented by the
-        model yet: anything but greedy is refused rather than silently ignored."""
-        if prompt or decoding:
-            raise NotImplementedError(f"MAGMA generation supports greedy decoding without a prompt only; "
-                                      f"got prompt={prompt!r}, {sorted(decoding)}")
+        settings = Decoding(**{"max_tokens": self.cfg.data.max_caption_tokens, **decoding})
         device = next(model.parameters()).device
         pixels = to_model_images(images, self.collate.image_mean, self.collate.image_std).to(device)
-        ids = model.generate(pixels, max_tokens=max_tokens or self.cfg.data.max_caption_tokens)
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+        return generate_captions(model, pixels, self.tokenizer, settings, prompt or "")
 
     # ---------------------------------------------------------------- Task API
 

@@ -8,26 +8,16 @@ task.py     the retrieval task with ITM re-ranking (tasks layer; found through F
 
 from __future__ import annotations
 
-from typing import Any
-
-from dodo.models.registry import FamilySpec, InitState, register
+from dodo.models.registry import FamilySpec, register
 from dodo.models.vlmo.config import REFUSED_ADAPTERS, VlmoConfig, VlmoModelConfig, validate_job
 
 __all__ = ["FAMILY", "VlmoConfig", "VlmoModelConfig"]
 
 
-def build_model(cfg: VlmoModelConfig, vocab_size: int, eos_token_id: int, mask_token_id: int | None = None,
-                init: InitState | None = None) -> Any:
-    from dodo.models.vlmo.model import VlmoModel
-
-    del init  # VLMo starts from no other run's tensors
-    return VlmoModel(cfg, vocab_size, eos_token_id, mask_token_id)
-
-
 FAMILY = register(FamilySpec(
     name="vlmo",
     config=VlmoModelConfig,
-    build_model=build_model,
+    model="dodo.models.vlmo.model:build",
     task="dodo.models.vlmo.task:build_task",
     refused_adapters=REFUSED_ADAPTERS,
     flavours={"tiny": "model/vlmo_tiny", "base": "model/vlmo_base"},

@@ -34,6 +34,7 @@ from torch import nn
 
 from dodo import losses
 from dodo.adapters.inject import Block, freeze, inject
+from dodo.models.registry import InitState
 from dodo.models.vlmo.config import VlmoModelConfig
 
 TEXT, IMAGE = 0, 1  # token-type ids
@@ -105,6 +106,12 @@ def vlmo_block_specs(model: "VlmoModel") -> list[Block]:
         specs.append(Block(f"blocks.{i}", "fusion", i, model.hidden, model.heads, "attn", "attn.out_proj",
                            [f"experts.{m}" for m in experts], [f"experts.{m}.fc2" for m in experts]))
     return specs
+
+
+def build(cfg: VlmoModelConfig, vocab_size: int, eos_token_id: int, mask_token_id: int | None = None,
+          init: InitState | None = None) -> "VlmoModel":
+    """The family's model builder (FamilySpec.model); VLMo starts from no other run's tensors."""
+    return VlmoModel(cfg, vocab_size, eos_token_id, mask_token_id)
 
 
 class VlmoModel(nn.Module):
