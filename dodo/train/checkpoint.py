@@ -9,10 +9,16 @@ takes the newest published step directory.
 Resuming on another world size (non-MoE): rank 0 converts the checkpoint once into DeepSpeed's
 universal format under checkpoints/universal/<tag>/ (written under a temporary name, renamed
 when complete), and the engine loads it with `"checkpoint": {"load_universal": true}`.
+An MoE run on another world size or model.moe.ep_size: rank 0 reshards it once into
+checkpoints/resharded/<tag>/ (dodo/train/reshard.py), published the same way, loaded by dodo.
+
+Every checkpoint carries dodo_checksums.json (sha256 of each trainable tensor, logical names);
+every resume compares the restored tensors with it and stops on the first mismatch.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import subprocess
@@ -24,11 +30,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dodo.rundir import RunDir, write_atomic, write_json_atomic
+from dodo.rundir import RunDir, read_json, write_atomic, write_json_atomic
+from dodo.train import reshard
 # Torch-free, so that `dodo submit` can read them: re-exported here.
 from dodo.train.checkpoint_index import _TAG, META, CheckpointInfo, latest, published, tag_for  # noqa: F401
 
 UNIVERSAL = "universal"
+log = logging.getLogger("dodo.train")
 
 
 class CheckpointError(RuntimeError):
@@ -68,10 +76,16 @@ def save(engine, run: RunDir, step: int, client_state: dict[str, Any], keep: int
     engine.save_checkpoint(str(staging), tag=tag, client_state=client_state,
                            exclude_frozen_parameters=True)
     torch.save(rng_state(), staging / tag / f"dodo_rank_{rank}.pt")
+    sums = reshard.checksums(engine.module)  # collective; logical names, so any later layout can check
     _barrier()
     final = run.checkpoints / tag
     if rank == 0:
-        write_json_atomic(staging / tag / META, {"step": step, "world_size": world})
+        write_json_atomic(staging / tag / reshard.CHECKSUMS, sums)
+        meta = {"step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage()}
+        ep = _ep_size(engine.module)
+        if ep is not None:
+            meta["ep_size"] = ep
+        write_json_atomic(staging / tag / META, meta)
         if final.exists():  # re-saving a step (e.g. stop signal right after a periodic save)
             shutil.rmtree(final)
         (staging / tag).rename(final)
@@ -124,36 +138,100 @@ def prepare_universal(run: RunDir, ckpt: CheckpointInfo) -> Path:
     return Path(result[0])
 
 
+def _ep_size(module) -> int | None:
+    """model.moe.ep_size of a built model (its DeepSpeed MoE layers), None without MoE layers."""
+    from deepspeed.moe.layer import MoE
+
+    return next((m.ep_size for m in module.modules() if isinstance(m, MoE)), None)
+
+
+def _rank0(work) -> Any:
+    """Collective: rank 0 runs work() (a CheckpointError / ReshardError is passed on too), every
+    rank gets its result or raises its error."""
+    result: list[Any] = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result[0] = work()
+        except (CheckpointError, reshard.ReshardError) as err:
+            result[0] = CheckpointError(str(err))
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], CheckpointError):
+        raise result[0]
+    return result[0]
+
+
+def prepare_resume(run: RunDir, ckpt: CheckpointInfo | None, model, ep_size: int) -> Path | None:
+    """Collective, before the engine exists: None when `ckpt` loads as written; else the converted
+    copy to load: universal (dense model, another world size, `is_universal`) or resharded (an MoE
+    model on another world size or ep_size)."""
+    from dodo.distributed.engine import has_moe_parameters
+
+    if ckpt is None:
+        return None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not has_moe_parameters(model.parameters()):
+        return prepare_universal(run, ckpt) if ckpt.world_size != world else None
+    was_ep = (read_json(ckpt.path / META) or {}).get("ep_size")
+    if was_ep is None:  # a checkpoint from before dodo recorded it: its ZeRO group name says
+        was_ep = _rank0(lambda: reshard.saved_ep_size(ckpt.path))
+    if ckpt.world_size == world and was_ep in (None, ep_size):
+        return None
+    return Path(_rank0(lambda: reshard.reshard(run, ckpt, ckpt.world_size)))
+
+
+def is_universal(converted: Path | None) -> bool:
+    return converted is not None and converted.parent.name == UNIVERSAL
+
+
 def load(engine, ckpt: CheckpointInfo, universal: Path | None = None, seed: int = 0) -> dict[str, Any]:
     """Restore trainable weights, optimizer, LR schedule and this rank's RNG; returns client state.
+    Collective. Then every restored trainable tensor is checked against the checkpoint's checksums.
 
-    `universal`: the converted checkpoint (prepare_universal) when the world size changed; a rank
-    the checkpoint had no RNG state for seeds itself with seed * 1000 + rank + step.
+    `universal`: the converted checkpoint (prepare_resume) when the world size (MoE: or ep_size)
+    changed; a rank the checkpoint had no RNG state for seeds itself with seed * 1000 + rank + step.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if ckpt.world_size != world and getattr(engine, "has_moe_layers", False):
-        raise CheckpointError(
-            f"checkpoint {ckpt.path} of this MoE run was written by {ckpt.world_size} ranks but this run "
-            f"has {world}; resume with {ckpt.world_size} ranks. Expert weights are stored per expert, but "
-            "ZeRO partitions each expert's optimizer state over its expert-data-parallel group (world "
-            "size / model.moe.ep_size ranks) and DeepSpeed's universal checkpoint conversion does not "
-            "cover MoE experts, so the optimizer state cannot be re-split")
     if ckpt.world_size != world and universal is None:
         raise CheckpointError(
             f"checkpoint {ckpt.path} was written by {ckpt.world_size} ranks but this run has {world}; "
-            f"resume with {ckpt.world_size} ranks, or through its universal conversion (Trainer does)")
-    source = universal if universal is not None else ckpt.path
-    _, client_state = engine.load_checkpoint(str(source.parent), tag=source.name,
-                                             load_module_strict=False, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
-    if client_state is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {source}")
-    if "step" not in client_state:  # a conversion without dodo's client state: take the original's
-        client_state = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            f"resume with {ckpt.world_size} ranks, or through its conversion (Trainer does: prepare_resume)")
+    if universal is not None and not is_universal(universal):
+        try:
+            client_state = reshard.load_logical(engine, universal)
+        except reshard.ReshardError as err:
+            raise CheckpointError(str(err)) from None
+    else:
+        source = universal if universal is not None else ckpt.path
+        _, client_state = engine.load_checkpoint(str(source.parent), tag=source.name,
+                                                 load_module_strict=False, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+        if client_state is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {source}")
+        if "step" not in client_state:  # a conversion without dodo's client state: take the original's
+            client_state = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu",
+                                      weights_only=False)
+    verify(engine, ckpt)
     rng = ckpt.path / f"dodo_rank_{rank}.pt"
     if rng.exists():
         set_rng_state(torch.load(rng, weights_only=False))
     else:  # a rank the checkpoint did not have
         torch.manual_seed(seed * 1000 + rank + client_state["step"])
     return client_state
+
+
+def verify(engine, ckpt: CheckpointInfo) -> int:
+    """Collective: the restored trainable tensors against the checksums saved with `ckpt` (logical,
+    unsharded tensors, so it holds across world sizes); the first mismatch raises one line naming
+    the tensor. Returns how many were checked (0: a checkpoint from before checksums existed)."""
+    expected = read_json(ckpt.path / reshard.CHECKSUMS)
+    got = reshard.checksums(engine.module)
+    if expected is None:
+        return 0
+    problem = reshard.compare(expected, got, f"resuming from {ckpt.path}")
+    if problem:
+        raise CheckpointError(problem + "; the checkpoint is damaged: move it aside to resume from the one before")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.info("checksums of all %d trainable tensors match %s", len(expected), ckpt.path / reshard.CHECKSUMS)
+    return len(expected)

@@ -15,8 +15,7 @@ from dodo.adapters.inject import count_parameters
 from dodo.cluster.env import DistEnv
 from dodo.config.schema import JobConfig
 from dodo.data.sampler import GlobalBatchSampler
-from dodo.distributed.engine import (create_engine, device_for, has_moe_parameters, init_distributed,
-                                     resolve_precision)
+from dodo.distributed.engine import create_engine, device_for, init_distributed, resolve_precision
 from dodo.exitcodes import EXIT_COMPLETED, EXIT_DIVERGED, EXIT_STOPPED  # noqa: F401 (re-exported)
 from dodo.rundir import RunDir
 from dodo.tasks import build_task
@@ -55,11 +54,11 @@ class Trainer:
         self.task = build_task(cfg, read_init(cfg))  # tensors from other runs, read before the model
         model = self.task.model.to(self.device)
         self.trainable, self.total_params = count_parameters(model)
-        ckpt, universal = checkpoint.latest(run), None
-        if ckpt is not None and ckpt.world_size != self.world and not has_moe_parameters(model.parameters()):
-            universal = checkpoint.prepare_universal(run, ckpt)  # MoE: checkpoint.load refuses
+        ckpt = checkpoint.latest(run)
+        # Another world size (MoE: or ep_size): a universal (dense) or resharded (MoE) copy to load.
+        universal = checkpoint.prepare_resume(run, ckpt, model, cfg.model.moe.ep_size)
         self.engine, self.scheduler = create_engine(model, cfg, env, self.precision,
-                                                    load_universal=universal is not None)
+                                                    load_universal=checkpoint.is_universal(universal))
         self.global_batch = cfg.train.micro_batch * cfg.train.grad_accum * self.world
 
         self.step = 0
