@@ -189,3 +189,73 @@ def test_layers_depend_one_way():
     assert found - KNOWN == set(), "a lower layer imports a higher one (STYLE.md 16)"
     assert layer_of("dodo.models.magma.model") == "data/models" and layer_of("dodo.models.clip.task") == "tasks"
     assert not any(me.startswith(("dodo.models", "dodo.adapters", "dodo.moe")) for me, _ in found)
+
+
+# ---------------------------------------------------------------- task hooks on natural captions
+
+
+def natural_samples(n: int, labels: bool) -> list:
+    import numpy as np
+
+    from dodo.data.sample import Sample
+
+    rng = np.random.default_rng(0)
+    words = ["a man riding a bike on a city street", "two dogs playing in the snow", "a bowl of soup on a table"]
+    return [Sample(image=rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), caption=words[i % 3], key=f"n{i}",
+                   image_id=i, label=i % 3 if labels else -1) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def clip_task():
+    import torch
+
+    from dodo.tasks import build_task
+
+    torch.manual_seed(0)
+    return build_task(load_job(REPO / "jobs/clip_lora.yaml", ["data.kind=synthetic", "data.num_train=32",
+                                                               "data.num_eval=16", "eval.ood_holdout=[]"]))
+
+
+def test_contrastive_encoders_match_the_training_path(clip_task):
+    import numpy as np
+    import torch
+
+    model = clip_task.model.eval()
+    samples = natural_samples(5, labels=False)
+    batch = clip_task.collate(samples)  # the training path: collator -> model
+    with torch.no_grad():
+        want_img = model.encode_image(batch["images"])
+        want_txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    for images in (np.stack([s.image for s in samples]), [s.image for s in samples], batch["images"]):
+        torch.testing.assert_close(clip_task.encode_images(model, images), want_img, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(clip_task.encode_texts(model, [s.caption for s in samples]), want_txt)
+    assert clip_task.encode_images(model, samples[0].image[None]).shape == (1, want_img.shape[1])
+
+
+def test_contrastive_task_on_natural_captions_scores_no_shapes_classes(clip_task):
+    task, model = clip_task, clip_task.model
+    task.eval_set, task.train_set = natural_samples(12, labels=False), natural_samples(12, labels=False)
+    metrics = task.evaluate(model, 8, 0, 1)
+    assert "eval.id.r_mean" in metrics and not any("zeroshot" in k for k in metrics)
+    assert task.final_report(model) == ({}, ["kNN: skipped, the data has no labels"])
+    task.eval_set, task.train_set = natural_samples(12, labels=True), natural_samples(24, labels=True)
+    extra, _ = task.final_report(model)  # kNN over the data's own labels
+    assert 0.0 <= extra["eval.id.knn_accuracy"] <= 1.0
+
+
+def test_magma_report_on_natural_captions_lists_them_and_generates_by_decoding():
+    import torch
+
+    from dodo.tasks import build_task
+
+    torch.manual_seed(0)
+    task = build_task(load_job(REPO / "jobs/demo.yaml", ["data.kind=synthetic", "data.num_train=16", "data.num_eval=8",
+                                                          "train.caption_samples=3", "model.lm.d_model=32",
+                                                          "model.lm.n_head=2", "model.image_encoder.hidden=32"]))
+    task.eval_set = natural_samples(3, labels=False)
+    extra, lines = task.final_report(task.model)
+    assert extra == {} and len(lines) == 4 and "reference: 'a man riding a bike on a city street'" in lines[1]
+    images = [s.image for s in task.eval_set]
+    greedy = task.generate(task.model.eval(), images, max_tokens=4)
+    assert greedy == task.generate(task.model, images, method="beam", beams=1, max_tokens=4)
+    assert len(task.generate(task.model, images, prompt="a photo of", method="sample", top_k=5, max_tokens=3)) == 3
