@@ -42,11 +42,15 @@ class _Stepper:
     """Feeds one token per step and returns the next-token logits (B, V); ``use_cache`` keeps
     the LM's past keys / values, otherwise the whole sequence is recomputed each step."""
 
-    def __init__(self, model: Any, embeds: torch.Tensor, use_cache: bool):
+    def __init__(self, model: Any, embeds: torch.Tensor, use_cache: bool, prompt_ids: torch.Tensor | None = None):
         self.model, self.use_cache = model, use_cache
         self.embeds = embeds  # (B, L, d) the prompt, then every token fed so far (no cache)
-        self.token_ids: list[torch.Tensor] = []  # (B,) per step: MoE routers without cache
-        self.n_prompt = embeds.shape[1]
+        # Token ids for the MoE routers without cache: the prompt's text ids (B, T), then one
+        # (B,) per step; the first L - T positions are the image prefix.
+        if prompt_ids is None:
+            prompt_ids = torch.zeros(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
+        self.token_ids: list[torch.Tensor] = list(prompt_ids.T)
+        self.n_image = embeds.shape[1] - prompt_ids.shape[1]
         # transformers 5 renamed past_key_values to `cache` (the old name warns, then goes).
         self.cache_arg = "cache" if "cache" in inspect.signature(model.lm.forward).parameters else "past_key_values"
         out = model.lm(inputs_embeds=embeds, use_cache=use_cache)
@@ -66,7 +70,7 @@ class _Stepper:
             self.embeds = torch.cat([self.embeds, emb], dim=1)
             self.token_ids.append(ids)
             if moe is not None:  # the prompt's routing ids were set by model.embed; extend them
-                moe.set_tokens(torch.stack(self.token_ids, 1), self.n_prompt)
+                moe.set_tokens(torch.stack(self.token_ids, 1), self.n_image)
             out = self.model.lm(inputs_embeds=self.embeds, use_cache=False)
         self.logits = out.logits[:, -1].float()
         return self.logits
@@ -108,12 +112,13 @@ def _finish(rows: torch.Tensor, eos: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def decode(model: Any, embeds: torch.Tensor, cfg: Decoding) -> list[list[int]]:
-    """Token ids (EOS excluded) per prompt row of ``embeds`` (B, L, d)."""
+def decode(model: Any, embeds: torch.Tensor, cfg: Decoding, prompt_ids: torch.Tensor | None = None) -> list[list[int]]:
+    """Token ids (EOS excluded) per prompt row of ``embeds`` (B, L, d); ``prompt_ids`` (B, T): the
+    text ids at the end of the prompt (the MoE routers' ids when decoding without cache)."""
     eos = model.eos_token_id
     if cfg.method == "beam":
-        return _beam(model, embeds, cfg)
-    step = _Stepper(model, embeds, cfg.use_cache)
+        return _beam(model, embeds, cfg, prompt_ids)
+    step = _Stepper(model, embeds, cfg.use_cache, prompt_ids)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
     ids = []
@@ -133,11 +138,12 @@ def decode(model: Any, embeds: torch.Tensor, cfg: Decoding) -> list[list[int]]:
     return _finish(torch.stack(ids, 1), eos)
 
 
-def _beam(model: Any, embeds: torch.Tensor, cfg: Decoding) -> list[list[int]]:
+def _beam(model: Any, embeds: torch.Tensor, cfg: Decoding, prompt_ids: torch.Tensor | None = None) -> list[list[int]]:
     """Beam search: W beams per prompt; a beam ending in EOS is frozen (it extends only with
     EOS at no cost); the best by sum log p / length ** length_penalty is returned."""
     b, w, eos = embeds.shape[0], cfg.beams, model.eos_token_id
-    step = _Stepper(model, embeds.repeat_interleave(w, 0), cfg.use_cache)  # rows: prompt-major
+    step = _Stepper(model, embeds.repeat_interleave(w, 0), cfg.use_cache,  # rows: prompt-major
+                    None if prompt_ids is None else prompt_ids.repeat_interleave(w, 0))
     scores = torch.full((b, w), float("-inf"), device=embeds.device)
     scores[:, 0] = 0.0  # identical beams at the start: only one may expand
     tokens = torch.zeros(b * w, 0, dtype=torch.long, device=embeds.device)
@@ -205,4 +211,4 @@ def generate_captions(model: Any, images: torch.Tensor, tokenizer: Any, cfg: Dec
     ids = tokenizer([prompt] * len(images), add_special_tokens=False)["input_ids"] if prompt else [[]] * len(images)
     input_ids = torch.tensor(ids, dtype=torch.long, device=device).reshape(len(images), -1)
     embeds = model.embed(images, input_ids)  # (B, P + T, d)
-    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in decode(model, embeds, cfg)]
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in decode(model, embeds, cfg, input_ids)]
