@@ -40,6 +40,12 @@ def test_each_family_folder_exports_one_registered_spec(name: str):
         assert "family: " + name in path.read_text()
     with pytest.raises(ValueError, match="registered twice"):
         registry.register(dataclasses.replace(spec))
+    from dodo.eval.suites import KINDS
+
+    task_class = {"magma": "dodo.models.magma.task:CaptioningTask", "clip": "dodo.tasks.contrastive:ContrastiveTask",
+                  "vlmo": "dodo.models.vlmo.task:VlmoRetrievalTask"}[name]
+    assert spec.eval_hooks and all(callable(getattr(registry.resolve(task_class), h)) for h in spec.eval_hooks)
+    assert all(k in KINDS and set(KINDS[k].hooks) <= set(spec.eval_hooks) for k in spec.default_suites)
 
 
 def test_no_module_outside_the_registry_switches_on_the_family_name():
@@ -140,7 +146,6 @@ KNOWN = {
     ("dodo.config.loader", "dodo.cluster.profiles"),
     ("dodo.config.schema", "dodo.moe.planner"),
     ("dodo.data.config", "dodo.data.decode"),
-    ("dodo.eval.config", "dodo.eval.shapes"),
 }
 
 

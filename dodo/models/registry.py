@@ -58,6 +58,12 @@ class FamilySpec:
     validate: Optional[Callable[[Any], None]] = None
     # Describes where the adapters go, for docs and `model.adapter` messages.
     adapter_sites: str = ""
+    # The task's callables for the evaluation suites (INTERFACES.md 4): "encode_images",
+    # "encode_texts" (contrastive families), "generate" (captioning). For check_suites' hooks.
+    eval_hooks: tuple[str, ...] = ()
+    # Suite kinds measured on the held-out split when eval.suites is empty and the data is not
+    # the synthetic shapes (dodo.eval.suites.effective_suites' default_kinds).
+    default_suites: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, FamilySpec] = {}

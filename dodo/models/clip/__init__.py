@@ -19,6 +19,8 @@ FAMILY = register(FamilySpec(
     config=ClipModelConfig,
     model="dodo.models.clip.model:build",
     task="dodo.models.clip.task:build_task",
+    eval_hooks=("encode_images", "encode_texts"),
+    default_suites=("retrieval",),
     flavours={"tiny": "model/clip_tiny", "vitb16": "model/clip_vitb16"},
     adapter_sites="every encoder layer of both towers (vision_model / text_model.encoder.layers.*): "
                   "attention (self_attn, out_proj) and MLP (mlp, fc2)",

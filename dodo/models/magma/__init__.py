@@ -19,6 +19,8 @@ FAMILY = register(FamilySpec(
     model="dodo.models.magma.model:build",
     task="dodo.models.magma.task:build_task",
     supports_moe=True,
+    eval_hooks=("generate",),
+    default_suites=("captioning",),
     flavours={"tiny": "model/tiny", "gptj": "model/magma_gptj"},
     adapter_sites="every LM block (transformer.h.*): attention (attn, out projection) and MLP (mlp)",
 ))
