@@ -212,3 +212,13 @@ def test_table_order_and_tags():
                                              "eval.zeroshot.in_r.top1", "eval.zeroshot.ood_mean.top1"]
     assert column_label("eval.zeroshot.in_r.top1", tags) == "zeroshot in_r top1 (ood)"
     assert dataset_tags([EvalSuite(kind="shapes")]) == {"shapes": {"heldout": "id", "ood": "ood"}}
+
+
+def test_shapes_holdout_words_checked_at_submit(caches):
+    with pytest.raises(ConfigError, match=r"^eval.suites\[0\].ood_holdout\[0\]='pink square' must be 'colour shape'"):
+        check_suites(job(caches, "[{kind: shapes, ood_holdout: [pink square]}]", data="shapes"))
+    with pytest.raises(ConfigError, match=r"^eval.ood_holdout\[1\]='red cube' must be"):
+        check_suites(load_job(REPO / "jobs/demo.yaml", ["eval.ood_holdout=[red square, red cube]"]))
+    with pytest.raises(ConfigError, match="holds out every combination"):
+        from dodo.eval.shapes import classes
+        check_suites(load_job(REPO / "jobs/demo.yaml", [f"eval.ood_holdout=[{', '.join(classes())}]"]))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dodo.config.errors import ConfigError, ConfigValueError
+from dodo.config.errors import ConfigError
 from dodo.eval.config import HELDOUT, EvalDataset, EvalSuite
 
 
@@ -110,11 +110,8 @@ def effective_suites(cfg: Any, default_kinds: Sequence[str] = ()) -> list[EvalSu
             synthetic = run_data_facts(data, "eval").synthetic
         except ConfigError:
             synthetic = False
-    if synthetic:  # EvalSuite checks the legacy holdout's words against the generator here
-        try:
-            return [EvalSuite(kind="shapes", ood_holdout=list(cfg.eval.ood_holdout), num_ood=cfg.eval.num_ood)]
-        except ConfigValueError as err:
-            raise ConfigError(f"eval.ood_holdout{err.message}") from None
+    if synthetic:
+        return [EvalSuite(kind="shapes", ood_holdout=list(cfg.eval.ood_holdout), num_ood=cfg.eval.num_ood)]
     return [EvalSuite(kind=k) for k in default_kinds]
 
 
@@ -131,6 +128,13 @@ def check_suites(cfg: Any, default_kinds: Sequence[str] = (), hooks: Sequence[st
 
     for i, suite in enumerate(effective_suites(cfg, default_kinds)):
         kind = KINDS[suite.kind]
+        if suite.kind == "shapes" and suite.ood_holdout:  # the generator's words (torch-free)
+            from dodo.eval.shapes import check_holdout
+
+            problem = check_holdout(suite.ood_holdout)
+            if problem:
+                where = f"eval.suites[{i}].ood_holdout" if cfg.eval.suites else "eval.ood_holdout"
+                raise ConfigError(f"{where}{problem}")
         if hooks is not None:
             lacking = [h for h in kind.hooks if h not in hooks]
             if lacking:

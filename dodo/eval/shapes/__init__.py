@@ -9,21 +9,15 @@ the shapes vocabulary (colours, shapes, "a small red circle in the top left").
   generator repeats captions) and zero-shot over the 18 classes, ID and OOD;
 - captioning runs: the share of greedy captions naming the right colour and shape.
 
-Torch-free at import (config validation imports it); runners import torch lazily.
+Torch-free at import; runners import torch lazily. The defaults the config layer needs are in
+shapes/config.py (plain constants: the config layer imports nothing above it).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-# Each colour loses one shape and each shape two colours: a compositional shift, every word
-# of an OOD caption is seen in training but never in that combination.
-DEFAULT_HOLDOUT = ["red square", "green triangle", "blue circle", "yellow triangle", "purple circle",
-                   "white square"]
-# Zero-shot prompt templates for the shapes data: averaging over size and position leaves
-# the class ("red circle").
-DEFAULT_TEMPLATES = [f"a {size} {{}} in the {pos}" for size in ("small", "large")
-                     for pos in ("top left", "top right", "bottom left", "bottom right", "center")]
+from dodo.eval.shapes.config import DEFAULT_HOLDOUT, DEFAULT_TEMPLATES  # noqa: F401  (re-exported)
 
 
 def classes() -> list[str]:
