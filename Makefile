@@ -23,6 +23,8 @@ $(STAMP): setup.cfg pyproject.toml hpc/install-system-deps.sh
 	# clip_benchmark: only its shipped class-name / template lists are read (dodo/eval/classnames.py);
 	# it declares torchvision and open_clip, which we neither need nor can install: --no-deps.
 	$(BIN)/python -m pip install --quiet --no-deps 'clip_benchmark>=1.6,<2'
+	# open_clip_torch and timm build models without torchvision (docs/models.md): --no-deps.
+	$(BIN)/python -m pip install --quiet --no-deps 'open_clip_torch>=3.0,<4' 'timm>=1.0.17,<2'
 	@# No compiled DeepSpeed op is needed: dodo skips DeepSpeed's CPU comm op (it is only used
 	@# for inference all-reduce), so no rank ever JIT-compiles (dodo/distributed/engine.py).
 	touch $(STAMP)

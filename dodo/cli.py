@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run", help="a run directory with a checkpoint")
     ev.add_argument("--task", default="all", choices=["retrieval", "zeroshot", "knn", "wise", "all"])
 
+    ex = sub.add_parser("export", help="write a run's adapters in PEFT's format, or merged into HF weights")
+    ex.add_argument("run", help="a run directory with a checkpoint")
+    ex.add_argument("--format", required=True, choices=["peft", "merged"], dest="fmt")
+    ex.add_argument("--out", required=True, help="a new directory (docs/models.md: dodo export)")
+
     up = sub.add_parser("upcycle", help="start a new MoE run from a trained dense-adapter run (sparse upcycling)")
     up.add_argument("run", help="the dense run directory (its latest checkpoint is used)")
     up.add_argument("--experts", type=int, required=True, help="experts per MoE adapter (model.moe.num_experts)")
@@ -149,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return {"submit": cmd_submit, "run": cmd_run, "status": cmd_status, "logs": cmd_logs,
-                "cancel": cmd_cancel, "data": cmd_data, "eval": cmd_eval,
+                "cancel": cmd_cancel, "data": cmd_data, "eval": cmd_eval, "export": cmd_export,
                 "sweep": cmd_sweep, "table": cmd_table, "upcycle": cmd_upcycle}[args.command](args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -403,6 +408,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dodo.eval.run import eval_run
 
     return eval_run(args.run, args.task)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dodo.export import export_run
+
+    export_run(args.run, args.fmt, args.out)
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
