@@ -192,6 +192,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     resume = Path(args.job).is_dir()
     changes: list[str] = []
+    overrides_record: Path | None = None
     if resume:
         run = RunDir.open(args.job)
         cfg, changes = _resume_config(args.job, run, args.overrides)
@@ -230,9 +231,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
         (run.job / "cancelled").unlink(missing_ok=True)  # resuming a cancelled run: go on
         # Kept apart from config.yaml until the ranks have accepted them (dodo/config/resume.py).
-        record = record_overrides(run, args.overrides, changes)
-        if record is not None:
-            print(f"dodo: overrides for this resume recorded in {record} ({', '.join(changes) or 'no change'}); "
+        overrides_record = record_overrides(run, args.overrides, changes)
+        if overrides_record is not None:
+            print(f"dodo: overrides for this resume recorded in {overrides_record} "
+                  f"({', '.join(changes) or 'no change'}); "
                   "config.yaml takes them once the ranks have loaded the checkpoint", flush=True)
     from dodo.train.provenance import snapshot_code
 
@@ -243,6 +245,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if not resume:
             run.remove()
             _remove_empty(run.path.parent, run.path.parent.parent)
+        elif overrides_record is not None:  # never submitted: this resume leaves no trace
+            overrides_record.unlink(missing_ok=True)
         raise ConfigError(str(err)) from None
     if args.detach or record.backend != "local":
         print(f"dodo: submitted {record.backend} job {record.job_id}\n  run directory {run.path}\n"
