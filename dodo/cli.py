@@ -374,7 +374,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     run = RunDir.open(args.run)
     record = JobRecord.load(run)
     if record is None:
-        raise FileNotFoundError(f"{run.path} was never submitted (no job/backend.json); nothing to cancel")
+        raise FileNotFoundError(f"{run.path} was never submitted (no readable job/backend.json); nothing to cancel")
     # Marked first: a rank that checkpoints on the scheduler's TERM must not requeue the run.
     (run.job / "cancelled").write_text(f"{time.time()}\n")
     get_backend(record.backend).cancel(record)

@@ -28,8 +28,12 @@ class JobRecord:
 
     @classmethod
     def load(cls, run: RunDir) -> "JobRecord | None":
+        """None when the run was never submitted, or its record is damaged (status says so)."""
         data = read_json(run.backend_file)
-        return cls(**data) if data else None
+        try:
+            return cls(**data) if isinstance(data, dict) and data else None
+        except TypeError:  # keys of another version, or an edited file
+            return None
 
 
 class Backend(abc.ABC):

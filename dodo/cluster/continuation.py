@@ -43,7 +43,15 @@ def requeue_log(run: RunDir) -> list[dict]:
         lines = requeues_file(run).read_text().splitlines()
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in lines if line.strip()]
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # a line cut by a crash mid-write: skip it, keep the others
+            entry = None
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 def requeues_this_submission(run: RunDir) -> int:
