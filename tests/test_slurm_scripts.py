@@ -163,3 +163,25 @@ def test_missing_sbatch_is_a_clear_error(tmp_path: Path):
                check=False, env={"PATH": str(bare)})
     assert out.returncode == 2 and "sbatch is not on PATH" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_batch_backends_differ_only_in_their_hooks():
+    """Slurm and LSF share BatchBackend (submit, record, state, cancel, requeue); the hooks differ."""
+    import subprocess
+
+    from dodo.cluster.backend import get_backend
+    from dodo.cluster.batch import BatchBackend
+
+    slurm, lsf = get_backend("slurm"), get_backend("lsf")
+    assert isinstance(slurm, BatchBackend) and isinstance(lsf, BatchBackend)
+    assert slurm.requeue_command({}, "12") == ["scontrol", "requeue", "12"]
+    assert lsf.requeue_command({"lsf_continuation": "requeue"}, "7[2]") == ["brequeue", "7[2]"]
+    assert lsf.requeue_command({"lsf_continuation": "chain"}, "7") is None  # chained bsub instead
+    assert slurm.current_job_id({"SLURM_JOB_ID": "55"}) == "55"
+    assert lsf.current_job_id({"LSB_JOBID": "9", "LSB_JOBINDEX": "3"}) == "9[3]"
+    assert lsf.current_job_id({"LSB_JOBID": "9", "LSB_JOBINDEX": "0"}) == "9"
+    assert (slurm.element_id("5", 0), lsf.element_id("5", 0)) == ("5_0", "5[1]")
+    ok = subprocess.CompletedProcess([], 0, stdout="Job <123> is submitted to queue <batch>.\n", stderr="")
+    assert lsf.job_id_from(ok) == "123" and slurm.job_id_from(
+        subprocess.CompletedProcess([], 0, stdout="456;cluster\n", stderr="")) == "456"
+    assert lsf.job_id_from(subprocess.CompletedProcess([], 0, stdout="queue full", stderr="")) is None
