@@ -60,10 +60,13 @@ def test_resume_two_ranks_on_one(tmp_path: Path):
 
     second = dodo("submit", str(run), "cluster.tasks_per_node=1", "train.grad_accum=2", cwd=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "config.yaml changed for this resume" in second.stdout
+    assert "overrides for this resume recorded in" in second.stdout
     assert "cluster.tasks_per_node: 2 -> 1" in second.stdout
     log = (run / "job" / "logs" / "rank_0.log").read_text()
     assert "at step 10 (written by 2 ranks, now 1" in log
+    # The restored tensors were checked against the checksums saved with the checkpoint.
+    n = len((step10 / "dodo_checksums.json").read_text().splitlines()) - 2
+    assert n == len(saved) and f"checksums of all {n} trainable tensors match" in log
     rows = metrics(run)
     steps = [r["step"] for r in rows if "train.loss" in r]
     assert steps == list(range(1, 21))
