@@ -85,4 +85,8 @@ def print_status(run_path: str | None, runs_dir: str) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in rows:
         print(row if isinstance(row, str) else "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if run_path and len(runs) == 1:  # one run: its restarts, faults, excluded hosts, segments
+        from dodo.train.provenance import run_details
+
+        print("\n".join(run_details(runs[0])))
     return 0

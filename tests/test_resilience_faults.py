@@ -99,6 +99,8 @@ def test_sigkill_crash_restarts_to_completion(tmp_path: Path):
     assert segments[0]["how"].startswith("ended abruptly") and segments[1]["how"] == "completed"
     assert segments[1]["start_step"] >= 20 and segments[1]["start_step"] % 20 == 0  # the last checkpoint
     assert segments[1]["end_step"] == 200
+    shown = subprocess.run([sys.executable, "-m", "dodo", "status", str(run)], capture_output=True, text=True).stdout
+    assert "restarts: 1" in shown and f"excluded hosts (next batch submission): {beat['host']}" in shown
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM])  # HUP takes the same path (FORWARDED)

@@ -22,8 +22,9 @@ def trainable(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 def test_skip_drops_the_update_and_completes(tmp_path: Path):
     # NaN on rank 1 only: rank 0's loss is finite, yet both ranks must skip the same step.
+    # cluster.signal_lead_s=0: every save is over the checkpoint-time budget, and says so.
     proc = dodo("submit", JOB, *TINY, "train.steps=6", "train.save_every=1", "train.keep_checkpoints=10",
-                "train.on_nonfinite=skip", f"runs_dir={tmp_path}/runs", cwd=tmp_path,
+                "train.on_nonfinite=skip", "cluster.signal_lead_s=0", f"runs_dir={tmp_path}/runs", cwd=tmp_path,
                 env={"DODO_INJECT_NAN_AT_STEP": "4", "DODO_INJECT_NAN_RANK": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run,) = run_dirs(tmp_path / "runs", "demo")
@@ -35,7 +36,10 @@ def test_skip_drops_the_update_and_completes(tmp_path: Path):
     assert any(not torch.equal(skipped[k], after[k]) for k in before)
     rows = {r["step"]: r for r in metrics(run) if "train.loss" in r}
     assert 4 not in rows and rows[6]["train.skipped_steps"] == 1
-    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "completed" and status["save_seconds"] > 0
+    assert "more than cluster.signal_lead_s=0" in proc.stdout and "set cluster.signal_lead_s=" in proc.stdout
+    assert "warning: checkpoint save took" in dodo("status", str(run), cwd=tmp_path).stdout
 
 
 def test_stop_names_the_step_and_last_good_checkpoint(tmp_path: Path):

@@ -139,6 +139,10 @@ class BatchBackend(Backend):
     def refusal_hint(self, proc: subprocess.CompletedProcess, cfg: JobConfig) -> str:
         """Which key to change when the scheduler refused the job."""
 
+    def exclude_options(self, hosts: list[str]) -> list[str]:
+        """Submit options that keep the job off `hosts` (blamed for a hang or crash, watchdog.py)."""
+        return []
+
     def chain(self, run: RunDir, job_id: str) -> int:
         """A follow-up job instead of a requeue (LSF's `bsub -w ended(<id>)`)."""
         raise NotImplementedError(f"{self.name} requeues; it does not chain")
@@ -173,6 +177,12 @@ class BatchBackend(Backend):
         self.require(self.submit_tool)
         script = self.write_scripts(runs, cfg, Path(job_dir))
         command, stdin = self.submit_command(script)
+        from dodo.cluster.watchdog import blamed_hosts
+
+        hosts = sorted({h for run in runs for h in blamed_hosts(run)})
+        if hosts:  # on the command line: it overrides the script's own directives
+            command = command[:1] + self.exclude_options(hosts) + command[1:]
+            print(f"dodo: excluding hosts blamed for a hang or crash of this run: {', '.join(hosts)}", flush=True)
         proc = run_tool(command, stdin_path=stdin)
         job_id = self.job_id_from(proc) if proc.returncode == 0 else None
         if job_id is None:

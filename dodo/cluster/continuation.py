@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from dodo.cluster.backend import JobRecord
-from dodo.exitcodes import EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED, RESUMABLE
+from dodo.exitcodes import (EXIT_COMPLETED, EXIT_DIVERGED, EXIT_FAILED, EXIT_HUNG, EXIT_STOPPED, EXIT_USAGE,
+                            RESUMABLE)
 from dodo.rundir import RunDir
 
 
@@ -62,11 +63,17 @@ def requeues_this_submission(run: RunDir) -> int:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str  # "done" | "cancelled" | "requeue" | "stop" | "fail"
+    action: str  # "done" | "cancelled" | "requeue" | "restart" (a requeue after a crash) | "stop" | "fail"
     message: str
 
 
-def decide(run: RunDir, code: int, max_requeues: int) -> Decision:
+def restarts_this_submission(run: RunDir) -> int:
+    record = JobRecord.load(run)
+    since = record.submitted if record else 0.0
+    return sum(1 for r in requeue_log(run) if r.get("time", 0) >= since and r.get("restart"))
+
+
+def decide(run: RunDir, code: int, max_requeues: int, max_restarts: int = 0) -> Decision:
     """Pure: what the batch shell should do after the launcher exited with `code`."""
     status = run.status()
     step, total = status.get("step", 0), status.get("total_steps", "?")
@@ -88,6 +95,14 @@ def decide(run: RunDir, code: int, max_requeues: int) -> Decision:
     if code == 0:
         return Decision("fail", f"the ranks exited 0 but the run is {status.get('state', 'unknown')!r}, "
                         "not completed; see the rank logs")
+    # A crash or a hang (the per-rank watchdog exits 75, dodo/cluster/watchdog.py): retried from the
+    # last checkpoint by a requeue, up to cluster.max_restarts; a divergence or a refusal is not.
+    if code not in (EXIT_DIVERGED, EXIT_USAGE) and status.get("state") != "failed":
+        done = restarts_this_submission(run)
+        if done < max_restarts:
+            what = "a rank hung" if code == EXIT_HUNG else f"the ranks exited with status {code}"
+            return Decision("restart", f"{what} at step {step}/{total}; restart {done + 1} of at most "
+                            f"{max_restarts} (cluster.max_restarts) from the last checkpoint, by requeue")
     return Decision("fail", f"the ranks exited with status {code} at step {step}/{total}; not requeued "
                     f"(a crash is not a preemption); see {run.logs}/rank_*.log, fix the cause and "
                     f"continue with `dodo submit {run.path}`")
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir.open(run_dir)
     cluster = cluster_settings(run)
     code = int(code_text)
-    decision = decide(run, code, int(cluster.get("max_requeues", 10)))
+    decision = decide(run, code, int(cluster.get("max_requeues", 10)), int(cluster.get("max_restarts", 2)))
     print(f"dodo: allocation ended (launcher exit {code}): {decision.message}", flush=True)
     if decision.action == "done":
         return EXIT_COMPLETED
@@ -122,21 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     if decision.action == "fail":
         run.update_status(state="failed", exit_code=code, reason=decision.message)
         return EXIT_FAILED
-    return _requeue(run, cluster, scheduler, decision.message)
+    return _requeue(run, cluster, scheduler, decision.message, restart=decision.action == "restart")
 
 
-def _requeue(run: RunDir, cluster: dict, scheduler: str, message: str) -> int:
+def _requeue(run: RunDir, cluster: dict, scheduler: str, message: str, restart: bool = False) -> int:
     from dodo.cluster.backend import get_backend
 
     backend = get_backend(scheduler)  # a BatchBackend: slurm | lsf
     job_id = backend.current_job_id(os.environ)
     entry = {"time": time.time(), "job_id": job_id, "step": run.status().get("step", 0),
-             "reason": run.status().get("reason", ""), "scheduler": scheduler}
+             "reason": message if restart else run.status().get("reason", ""), "scheduler": scheduler,
+             "restart": restart}
     # Record first: `scontrol requeue` / `brequeue` end this very shell.
     with open(requeues_file(run), "a") as f:
         f.write(json.dumps(entry) + "\n")
     total = len(requeue_log(run))
-    run.update_status(state="requeued", requeues=total, reason=message)
+    run.update_status(state="requeued", requeues=total, reason=message,
+                      **({"restarts": restarts_this_submission(run)} if restart else {}))
     return backend.requeue(run, cluster, job_id)
 
 

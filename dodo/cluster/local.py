@@ -48,12 +48,9 @@ def rank_environment(rank: int, world: int, port: int, threads: int, run_path: s
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads),
                DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1",
                DODO_ATTEMPT=str(attempt))
-    if run_path:  # run from the code snapshot taken at submit (dodo/train/provenance.py)
-        from dodo.train.provenance import code_pythonpath
-
-        code = code_pythonpath(RunDir(Path(run_path)))
-        if code:
-            env["PYTHONPATH"] = os.pathsep.join([code] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    code = Path(run_path or "") / "job" / "code"
+    if run_path and (code / "dodo" / "__init__.py").is_file():  # the snapshot taken at submit
+        env["PYTHONPATH"] = os.pathsep.join([str(code)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
 

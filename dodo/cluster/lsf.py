@@ -100,6 +100,9 @@ class LsfBackend(BatchBackend):
     def submit_command(self, script: Path) -> tuple[list[str], Path | None]:
         return ["bsub"], script
 
+    def exclude_options(self, hosts: list[str]) -> list[str]:
+        return ["-R", "select[" + " && ".join(f"hname!={h}" for h in hosts) + "]"]
+
     def job_id_from(self, proc: subprocess.CompletedProcess) -> str | None:
         found = re.search(r"Job <(\d+)>", proc.stdout)
         return found[1] if found else None

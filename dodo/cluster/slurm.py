@@ -74,6 +74,9 @@ class SlurmBackend(BatchBackend):
     def submit_command(self, script: Path) -> tuple[list[str], Path | None]:
         return ["sbatch", "--parsable", str(script)], None
 
+    def exclude_options(self, hosts: list[str]) -> list[str]:
+        return [f"--exclude={','.join(hosts)}"]
+
     def job_id_from(self, proc: subprocess.CompletedProcess) -> str | None:
         return proc.stdout.strip().split(";")[0] or None  # --parsable: "<id>[;<cluster>]"
 

@@ -64,7 +64,7 @@ def blamed_hosts(run: RunDir) -> list[str]:
     """Hosts blamed for a hang or crash, in order of first blame; excluded from the next submission."""
     hosts: list[str] = []
     for fault in read_jsonl(faults_file(run)):
-        host = fault.get("host")
+        host = fault.get("host") if fault.get("blame", True) else None
         if host and host not in hosts:
             hosts.append(host)
     return hosts
@@ -185,14 +185,24 @@ def supervise(run_dir: str, command: list[str]) -> int:
                or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
     host = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
     child = subprocess.Popen(command)
+    forwarded: list[int] = []
+
+    def forward(signum, frame) -> None:
+        forwarded.append(signum)
+        child.send_signal(signum)
+
     for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+        signal.signal(sig, forward)
     dog = Watchdog(run, timeouts_of(cfg.cluster), {rank: child.pid}, host)
     while True:
         try:
-            return child.wait(timeout=1.0)
+            code = child.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
-            pass
+            code = None
+        if code is not None:
+            if code < 0 and not forwarded:  # killed by a signal nobody sent on purpose: OOM, segfault
+                record_fault(run, "crash", rank=rank, host=host, exit_code=code)
+            return code if code >= 0 else 128 - code
         silent = dog.silent()
         if silent:
             s = silent[0]

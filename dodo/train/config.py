@@ -61,4 +61,10 @@ class TrainConfig:
               f"must be distinct names from {', '.join(known)}, got {bad or self.trackers}")
         check("jsonl" in self.trackers, "trackers",
               "must include jsonl (metrics.jsonl feeds dodo status, the summary and resume); add it")
+        import importlib.util  # the packages are imported only by rank 0, at start-up
+
+        for name, package in (("mlflow", "mlflow"), ("wandb", "wandb")):
+            check(name not in self.trackers or importlib.util.find_spec(package) is not None, "trackers",
+                  f"names {name}, but the {package} package is not installed here; "
+                  f"pip install {'mlflow-skinny' if name == 'mlflow' else 'wandb'}, or remove {name}")
         check(self.caption_samples >= 0, "caption_samples", f"must be >= 0, got {self.caption_samples}")

@@ -38,7 +38,8 @@ class Heartbeat:
     def __init__(self, run: RunDir, rank: int, interval: float = 5.0):
         self.path = heartbeat_dir(run) / f"rank_{rank}.json"
         self.rank, self.interval = rank, interval
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        # The scheduler's name for the node (what --exclude takes; a virtual node's hostname differs).
+        self.host, self.pid = os.environ.get("SLURMD_NODENAME") or socket.gethostname(), os.getpid()
         self.phase, self.step, self.last = "", 0, 0.0
         stacks = stacks_dir(run)
         stacks.mkdir(parents=True, exist_ok=True)

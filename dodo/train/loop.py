@@ -265,6 +265,7 @@ class Trainer:
 
     def _finish(self, writer: MetricsWriter | None, train_seconds: float) -> None:
         final_eval = self._evaluate()
+        self.heartbeat.beat("eval", self.step, force=True)  # rank 0's final report: the others wait
         with self._rank0_may_run_alone():
             if writer is not None:
                 extra, report = self.task.final_report(self.engine.module)

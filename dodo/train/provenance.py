@@ -161,3 +161,26 @@ def describe_segments(run: RunDir) -> list[str]:
         lines.append(f"  segment {s['index']}: {when}{job} on {', '.join(s['nodes'])}, {s['world_size']} ranks, "
                      f"{steps}, {s['how'] or 'running'} ({len(s.get('packages', []))} packages recorded)")
     return lines
+
+
+def run_details(run: RunDir) -> list[str]:
+    """`dodo status RUN`: restarts, faults and excluded hosts, the save budget, the segments."""
+    from dodo.cluster.watchdog import blamed_hosts, faults_file, read_jsonl
+
+    status, lines = run.status(), []
+    faults = read_jsonl(faults_file(run))
+    if faults or status.get("restarts"):
+        lines.append(f"restarts: {status.get('restarts', 0)} in the last allocation; faults:")
+        for f in faults[-10:]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f["time"]))
+            what = (f"silent {f.get('silent_s')} s in phase {f.get('phase')} at step {f.get('step')}"
+                    if f["kind"] == "hang" else f"exit status {f.get('exit_code')}")
+            lines.append(f"  {when} {f['kind']}: rank {f.get('rank')} on {f.get('host')}, {what}")
+        lines.append(f"excluded hosts (next batch submission): {', '.join(blamed_hosts(run)) or 'none'}")
+    if status.get("save_warning"):
+        lines.append(f"warning: {status['save_warning']}")
+    segs = describe_segments(run)
+    if segs:
+        lines.append(f"segments ({segments_file(run)}):")
+        lines += segs
+    return lines
