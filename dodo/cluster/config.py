@@ -111,7 +111,6 @@ class ClusterConfig:
                   f"backend runs at most max(8, {LOCAL_RANKS_PER_CPU} x cores) = {max(8, LOCAL_RANKS_PER_CPU * cores)} "
                   "ranks: lower cluster.tasks_per_node (and cluster.nodes), or submit to a cluster")
 
-
     @property
     def world_size(self) -> int:
         return self.nodes * self.tasks_per_node
