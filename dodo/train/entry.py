@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import time
 
 from dodo.cluster.env import discover
 from dodo.config.resume import accept_overrides, load_run_config, refuse_overrides
 from dodo.rundir import RunDir
+
+
+def _process_start() -> float:
+    """Unix time this process started (Linux /proc; elsewhere: now)."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(float(l.split()[1]) for l in open("/proc/stat") if l.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 def run_rank(run_dir: str) -> int:
@@ -23,7 +35,12 @@ def run_rank(run_dir: str) -> int:
     env = discover()
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
+    # Start-up stages as unix times, read by bench/startup.py: process start, config read, imports.
+    log = logging.getLogger("dodo.train")
+    log.info("startup: process %.3f", _process_start())
+    log.info("startup: config %.3f", time.time())
     from dodo.train.loop import Trainer  # heavy imports (torch, DeepSpeed) after the cheap checks
+    log.info("startup: imports %.3f", time.time())
 
     from dodo.train.checkpoint import CheckpointError
 

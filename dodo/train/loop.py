@@ -47,11 +47,13 @@ class Trainer:
         # A collective that waits longer than any phase may take has lost a rank: raise rather
         # than wait for gloo's 30 min / NCCL's 10 min default (the watchdog usually acts first).
         init_distributed(env, timeout_s=max(hang.step, hang.eval, hang.checkpoint) + 60)
+        log.info("startup: process group %.3f", time.time())  # stages: bench/startup.py
         self.device = device_for(env)
         self.precision = resolve_precision(cfg.train.precision, self.device)
 
         torch.manual_seed(cfg.model.init_seed)  # frozen random-init weights: identical on every rank
         self.task = build_task(cfg, read_init(cfg))  # tensors from other runs, read before the model
+        log.info("startup: model and data %.3f", time.time())
         model = self.task.model.to(self.device)
         self.trainable, self.total_params = count_parameters(model)
         ckpt = checkpoint.latest(run)
@@ -59,6 +61,7 @@ class Trainer:
         universal = checkpoint.prepare_resume(run, ckpt, model, cfg.model.moe.ep_size)
         self.engine, self.scheduler = create_engine(model, cfg, env, self.precision,
                                                     load_universal=checkpoint.is_universal(universal))
+        log.info("startup: deepspeed engine %.3f", time.time())
         self.global_batch = cfg.train.micro_batch * cfg.train.grad_accum * self.world
 
         self.step = 0
@@ -74,6 +77,7 @@ class Trainer:
                      f" (written by {ckpt.world_size} ranks, now {self.world}: via {universal})" if universal else "")
         else:
             torch.manual_seed(cfg.train.seed * 1000 + self.rank)  # dropout streams differ per rank
+        log.info("startup: checkpoint %.3f", time.time())
 
     def _sampler(self, start_step: int) -> GlobalBatchSampler:
         return GlobalBatchSampler(len(self.task.train_set), self.global_batch, self.rank, self.world,
@@ -163,6 +167,8 @@ class Trainer:
         for batch in self._loader():
             tick = time.perf_counter()
             loss = self._train_step(batch)
+            if self.step == first_step:
+                log.info("startup: first step %.3f", time.time())
             self.step += 1
             self.heartbeat.beat("step", self.step)
             done = self.step - first_step
