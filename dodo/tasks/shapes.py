@@ -8,8 +8,8 @@ knows the shapes vocabulary. It applies only when the data is the embedded gener
 - caption scoring: a generated caption is right when it names the image's colour and shape.
 
 The vocabulary itself lives in the EVAL `shapes` suite (dodo/eval/shapes.py), which the lead
-wires in to replace these task paths; the generator is imported inside functions only, so a
-run on other data never imports it.
+wires in to replace these task paths; the generator is imported only inside its functions, so
+these paths import it only on shapes data.
 """
 
 from __future__ import annotations
@@ -48,11 +48,8 @@ def ood_split(cfg: Any, train: Dataset, evals: Dataset) -> tuple[Dataset, Datase
 
     OOD images: held-out samples of the held-out combinations, from a separate generator
     stream (seed + 1) so they do not repeat the ID eval images."""
-    from dodo.data.synthetic import SyntheticShapes
-
     holdout = set(cfg.eval.ood_holdout)
-    pool = SyntheticShapes("eval", 2 * cfg.eval.num_ood * len(suite.classes()) // max(1, len(holdout)),
-                           cfg.data.image_size, cfg.data.seed + 1)
+    pool = suite.ood_pool(cfg.eval.num_ood, sorted(holdout), cfg.data.image_size, cfg.data.seed)
     return (Subset(train, suite.split_by_holdout(train, holdout, keep_held=False)),
             Subset(evals, suite.split_by_holdout(evals, holdout, keep_held=False)),
             Subset(pool, suite.split_by_holdout(pool, holdout, keep_held=True, limit=cfg.eval.num_ood)))
