@@ -17,7 +17,7 @@ LORA = ["model.adapter.kind=lora", "model.adapter.locations=[attention,mlp]",
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_export_peft_and_merged(workdir: Path):
+def test_export_peft_and_merged(workdir: Path, monkeypatch: pytest.MonkeyPatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -36,6 +36,7 @@ def test_export_peft_and_merged(workdir: Path):
     dodo("export", str(run), "--format", "merged", "--out", str(merged), cwd=workdir, timeout=300)
 
     # The run's LM rebuilt with its trained adapters, as `dodo export` rebuilt it.
+    monkeypatch.chdir(workdir)  # the job's relative data cache path, as the run saw it
     job = load_job(run / "config.yaml")
     torch.manual_seed(job.model.init_seed)
     model = build_task(job, read_init(job)).model
@@ -43,7 +44,7 @@ def test_export_peft_and_merged(workdir: Path):
                        map_location="cpu", weights_only=False)["module"]
     model.load_state_dict(state, strict=False)
     lm = model.lm.eval()
-    ids = torch.randint(1, 30, (2, 6), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, lm.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = lm(ids).logits
         got = AutoModelForCausalLM.from_pretrained(str(merged / "lm")).eval()(ids).logits

@@ -21,12 +21,13 @@ import importlib.util
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from dodo.config.errors import ConfigError, check
+from dodo.config.preflight import MUST_EXIST
 
 KINDS = ("hf", "open_clip", "timm", "random")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -38,7 +39,7 @@ HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mode
 @dataclass
 class SourceConfig:
     kind: Literal["hf", "open_clip", "timm", "random"] = "random"
-    path: str = ""  # hf: a directory; open_clip / timm: a checkpoint file
+    path: str = field(default="", metadata=MUST_EXIST)  # hf: a directory; open_clip / timm: a file
     arch: str = ""  # open_clip: "RN50x16", "ViT-B-16"; timm: "vit_base_patch16_224.dino"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     tower: Literal["vision", "text", "full", "lm", "encoder"] = "vision"

@@ -64,9 +64,40 @@ def write_checkpoint(path: Path, layers: int) -> None:
         {"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
+class AnonPeak:
+    """Samples /proc/self/status every 5 ms: the peak of RssAnon (private memory; ru_maxrss also
+    counts the page cache of memory-mapped checkpoint files, which ranks on a node share)."""
+
+    def __init__(self) -> None:
+        import threading
+        self.peak = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, _status_mib("RssAnon"))
+
+    def done(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return max(self.peak, _status_mib("RssAnon"))
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def build(path: str, mode: str, dtype_name: str) -> None:
     """Runs in a fresh process; prints its peak resident set size in MiB."""
     import torch
+
+    sampler = AnonPeak()
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     if mode == "naive":
@@ -82,19 +113,22 @@ def build(path: str, mode: str, dtype_name: str) -> None:
         from dodo.models.sources.hf import load_hf
         model = load_hf(SourceConfig(kind="hf", path=path, tower="lm", dtype=dtype_name))
     assert model.transformer.wte.weight.dtype == dtype
-    print(json.dumps({"maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "anon_mib": sampler.done()}))
 
 
 def baseline() -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
-    print(json.dumps({"maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "anon_mib": _status_mib("RssAnon")}))
 
 
-def measure(args: list[str]) -> float:
+def measure(args: list[str]) -> tuple[float, float]:
     out = subprocess.run([sys.executable, "-m", "dodo.models.sources.membench", *args],
                          check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["maxrss_mib"]
+    r = json.loads(out.strip().splitlines()[-1])
+    return r["maxrss_mib"], r["anon_mib"]
 
 
 def main() -> None:
@@ -109,7 +143,7 @@ def main() -> None:
     if args.baseline:
         return baseline()
     base = measure(["--baseline"])
-    rows: dict[tuple[str, str], list[float]] = {}
+    rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for layers in args.layers:
         path = Path(args.out) / f"gptj-{layers}"
         write_checkpoint(path, layers)
@@ -118,13 +152,15 @@ def main() -> None:
                 rows.setdefault((mode, dtype), []).append(measure(["--build", str(path), mode, dtype]))
         shutil.rmtree(path)
     a, b = args.layers
-    print(f"baseline (python + torch + transformers): {base / 1024:.2f} GiB\n")
-    print(f"| build | dtype | {a} layer(s) GiB | {b} layers GiB | per layer GiB | 28 layers GiB (scaled) |")
-    print("|---|---|---|---|---|---|")
-    for (mode, dtype), (x, y) in rows.items():
-        slope = (y - x) / (b - a)
-        print(f"| {mode} | {dtype} | {x / 1024:.2f} | {y / 1024:.2f} | {slope / 1024:.3f} | "
-              f"{(x + (28 - a) * slope) / 1024:.1f} |")
+    print(f"baseline (python + torch + transformers): peak RSS {base[0] / 1024:.2f} GiB, "
+          f"anonymous {base[1] / 1024:.2f} GiB\n")
+    print(f"| build | dtype | measure | {a} layer(s) GiB | {b} layers GiB | per layer GiB | 28 layers GiB (scaled) |")
+    print("|---|---|---|---|---|---|---|")
+    for (mode, dtype), ((x, xa), (y, ya)) in rows.items():
+        for label, u, v in (("peak RSS (ru_maxrss)", x, y), ("peak anonymous (RssAnon)", xa, ya)):
+            slope = (v - u) / (b - a)
+            print(f"| {mode} | {dtype} | {label} | {u / 1024:.2f} | {v / 1024:.2f} | {slope / 1024:.3f} | "
+                  f"{(u + (28 - a) * slope) / 1024:.1f} |")
 
 
 if __name__ == "__main__":

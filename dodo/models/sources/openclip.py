@@ -67,6 +67,11 @@ class OpenClipGrid(nn.Module):
         else:
             self.hidden = visual.ln_post.normalized_shape[0]  # transformer width (ViT-B/16: 768)
 
+    def train(self, mode: bool = True) -> "nn.Module":
+        # A frozen tower stays in eval mode when the model around it trains: BatchNorm keeps its
+        # statistics, dropout stays off. One with trainable weights (MAGMA's low-lr encoder) trains.
+        return super().train(mode and any(p.requires_grad for p in self.parameters()))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         v = self.visual
         x = images.to(next(v.parameters()).dtype)

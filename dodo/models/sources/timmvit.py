@@ -28,6 +28,11 @@ class TimmEncoder(nn.Module):
         self.grid = grid
         self.hidden = net.num_features
 
+    def train(self, mode: bool = True) -> "nn.Module":
+        # A frozen tower stays in eval mode when the model around it trains: BatchNorm keeps its
+        # statistics, dropout stays off. One with trainable weights (MAGMA's low-lr encoder) trains.
+        return super().train(mode and any(p.requires_grad for p in self.parameters()))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.net.forward_features(images.to(next(self.net.parameters()).dtype))  # (B, P + N, D)
         if self.grid:
