@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dodo.rundir import RunDir
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["process", "config", "imports", "process group", "model and data", "deepspeed engine",
           "checkpoint", "first step"]
@@ -40,13 +42,13 @@ TINY = ["model.lm.d_model=32", "model.lm.n_head=2", "model.lm.n_positions=40", "
 
 
 def stages(log: Path, after: float) -> dict[str, float]:
-    """Stage -> unix time, from the last start-up in a rank log that began after `after`."""
+    """Stage -> unix time, from the first start-up in a rank log that began after `after`."""
     found: dict[str, float] = {}
     for line in log.read_text().splitlines():
         m = re.search(r"startup: (.+) (\d+\.\d+)$", line)
-        if m and float(m.group(2)) >= after - 1:
-            if m.group(1) == "process":
-                found = {}
+        if m and float(m.group(2)) >= after:
+            if m.group(1) == "process" and found:
+                break  # the next start-up (a later submit of the same run)
             found[m.group(1)] = float(m.group(2))
     return found
 
@@ -75,7 +77,7 @@ def main() -> int:
         (run,) = [d for d in (runs / "demo").iterdir() if not d.name.startswith(".")]
         t1 = dodo("submit", str(run), cwd=work)
         for what, start in (("submit", t0), ("resume", t1)):
-            s = stages(run / "logs" / "rank_0.log", start)
+            s = stages(RunDir.open(run).rank_log(0), start)
             prev = start
             for stage in STAGES:
                 if stage in s:

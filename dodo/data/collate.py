@@ -9,7 +9,8 @@ Two image outputs:
 
 - ``output="float32"`` (default; evaluation code and anything that feeds a model directly):
   ``(B, 3, H, W)`` float32, scaled to [0, 1] and normalised with ``image_mean`` / ``image_std``.
-- ``output="uint8"`` (the training loop): ``(B, 3, H, W)`` uint8, 4x fewer bytes through the
+- ``output="uint8"`` (the training loop): ``(B, 3, H, W)`` uint8 (channels-last in memory: the
+  stacked ``(B, H, W, 3)`` images, permuted as a view), 4x fewer bytes through the
   DataLoader's queues and the host-to-device copy; ``dodo.data.device.to_device`` converts and
   normalises on the device with the same mean / std (the twin of :meth:`images`, tested equal).
 
@@ -87,18 +88,6 @@ class CaptionCollator:
             raise ValueError(f"images in one batch must share a shape, got {sorted(shapes)}")
         return torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2)
 
-    def pixels_contiguous(self, samples: Sequence[Sample]) -> torch.Tensor:
-        """(B, 3, H, W) uint8, contiguous: stacked straight into channel-first order, so the
-        batch crosses worker queues / pinned memory as one block (no transpose on the device)."""
-        first = samples[0].image
-        out = np.empty((len(samples), 3, *first.shape[:2]), np.uint8)
-        for b, s in enumerate(samples):
-            if s.image.shape != first.shape:
-                raise ValueError(f"images in one batch must share a shape, got {first.shape} and "
-                                 f"{s.image.shape} (sample {s.key})")
-            out[b] = s.image.transpose(2, 0, 1)
-        return torch.from_numpy(out)
-
     def token_ids(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> (input_ids, attention_mask), both (B, T) long, T <= max_tokens."""
         encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
@@ -146,7 +135,10 @@ class CaptionCollator:
             raise ValueError("cannot collate an empty batch")
         captions = [s.caption for s in samples]
         input_ids, attention_mask = self.caption_ids(samples)
-        images = self.pixels_contiguous(samples) if self.output == "uint8" else self.images(samples)
+        # uint8: the (B, 3, H, W) channels-last view of the stacked images: one memcpy per image
+        # (np.stack); the transposing copy happens on the device, fused with the float
+        # conversion (a host-side transposing copy cost ~4x the stack: docs/benchmarks.md).
+        images = self.pixels(samples) if self.output == "uint8" else self.images(samples)
         return {
             "images": images,  # (B, 3, H, W) float32 normalised, or uint8 (to_device normalises)
             "input_ids": input_ids,  # (B, T) long
