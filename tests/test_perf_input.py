@@ -140,3 +140,20 @@ def test_frozen_lm_uses_torchs_fused_gelu_with_the_same_outputs():
         ids = torch.randint(0, 50, (2, 12))
         with torch.no_grad():
             torch.testing.assert_close(lm(ids).logits, slow(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_cache_with_stored_tokens_feeds_them_to_training(tmp_path):
+    from dodo.data.cache import CacheOptions, build_cache
+    from dodo.data.dataset import CachedDataset
+
+    build_cache(CacheOptions(source="synthetic", src="train", out=str(tmp_path / "c"), store="hdf5", encode="raw",
+                             image_size=16, samples_per_shard=8, workers=1, num=12, seed=0,
+                             tokenizer="builtin:synthetic"), log=lambda m: None)
+    ds = CachedDataset(tmp_path / "c", "none")
+    items = [ds[i] for i in range(6)]
+    assert all(s.tokens is not None for s in items)
+    collate = for_training(CaptionCollator(TOKENIZER, 16), ds)
+    assert collate.use_stored_tokens and collate.output == "uint8"
+    out, ref = collate(items), CaptionCollator(TOKENIZER, 16)(items)
+    assert torch.equal(out["input_ids"], ref["input_ids"]) and collate.use_stored_tokens
+    assert torch.equal(DeviceBatch.for_collate(collate, "cpu")(out)["images"], ref["images"])

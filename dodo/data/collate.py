@@ -164,7 +164,7 @@ def for_training(collate: Any, dataset: Any = None) -> Any:
     """The collate function the training loop uses: a CaptionCollator switched to uint8 images
     (``dodo.data.device.to_device`` normalises them) and to the cache's stored token ids when
     its manifest records a compatible tokenizer. Any other collate function is returned as is."""
-    if not isinstance(collate, CaptionCollator):
+    if type(collate) is not CaptionCollator:  # a subclass may add outputs with_output would drop
         return collate
     manifest = getattr(dataset, "manifest", None)
     recorded = getattr(manifest, "tokenizer", None) or {}
