@@ -7,7 +7,7 @@ task.py     the captioning task (tasks layer; found through FAMILY.task)
 
 from __future__ import annotations
 
-from dodo.models.magma.config import ImageEncoderConfig, LMConfig, MagmaModelConfig
+from dodo.models.magma.config import ImageEncoderConfig, LMConfig, MagmaModelConfig, check_sources
 from dodo.models.registry import FamilySpec, register
 
 __all__ = ["FAMILY", "ImageEncoderConfig", "LMConfig", "MagmaModelConfig"]
@@ -23,4 +23,5 @@ FAMILY = register(FamilySpec(
     default_suites=("captioning",),
     flavours={"tiny": "model/tiny", "gptj": "model/magma_gptj"},
     adapter_sites="every LM block (transformer.h.*): attention (attn, out projection) and MLP (mlp)",
+    validate=check_sources,
 ))

@@ -8,6 +8,7 @@ from typing import Literal, Optional
 from dodo.config.errors import check
 from dodo.config.preflight import MUST_EXIST
 from dodo.models.config import ModelConfig
+from dodo.models.sources.config import SourceConfig, check_source
 
 
 @dataclass
@@ -16,6 +17,8 @@ class LMConfig:
 
     arch: Literal["gpt2", "gpt_neo", "gptj"] = "gpt2"
     path: Optional[str] = field(default=None, metadata=MUST_EXIST)  # local weights; None: random init
+    # kind hf: the LM from a model directory, in the dtype per device (docs/models.md); random: path / sizes
+    source: SourceConfig = field(default_factory=SourceConfig)
     d_model: int = 128
     n_layer: int = 2
     n_head: int = 4
@@ -43,6 +46,8 @@ class ImageEncoderConfig:
 
     arch: Literal["vit", "clip_vision"] = "vit"
     path: Optional[str] = field(default=None, metadata=MUST_EXIST)  # local weights; None: random init
+    # open_clip (RN50x16 grid...) / timm (DINO, MAE) / hf tower (docs/models.md); random: arch / sizes
+    source: SourceConfig = field(default_factory=SourceConfig)
     image_size: int = 32
     patch_size: int = 8
     hidden: int = 64
@@ -93,3 +98,11 @@ class MagmaModelConfig(ModelConfig):
                 if name not in ("trainable", "lr"):
                     keys[f"model.{section}.{name}"] = value
         return keys
+
+
+def check_sources(job: object) -> None:
+    """Submit time (torch-free): the configured weight sources exist, have their format and name
+    an architecture the library knows (FamilySpec.validate)."""
+    model = job.model  # type: ignore[attr-defined]
+    check_source(model.lm.source, "model.lm.source")
+    check_source(model.image_encoder.source, "model.image_encoder.source")

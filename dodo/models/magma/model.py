@@ -7,6 +7,7 @@ to predict the caption. Labels are ignored on image positions and on padding.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -37,6 +38,15 @@ FUSED_ACTIVATION = {"gelu_new": "gelu_pytorch_tanh"}
 
 def build_lm(cfg: LMConfig, vocab_size: int, eos_token_id: int) -> PreTrainedModel:
     """A causal LM from local weights, or randomly initialised from the configured sizes."""
+    if cfg.source.kind != "random":  # model.lm.source (docs/models.md): frozen, eval, dtype per device
+        from dodo.models.sources import load_source
+        from dodo.models.sources.hf import check_tokenizer_vocab
+        lm = load_source(dataclasses.replace(cfg.source, tower="lm"), "model.lm.source")
+        rows = lm.get_input_embeddings().num_embeddings
+        check_tokenizer_vocab(vocab_size, rows)
+        if rows < vocab_size:  # the added <|image|> token
+            lm.resize_token_embeddings(vocab_size)
+        return lm
     if cfg.path:
         _require_dir(cfg.path, "model.lm.path")
         from transformers import AutoConfig
@@ -72,6 +82,14 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
+        self.tokens = cfg.source.kind in ("open_clip", "timm")  # those towers return (B, N, C) themselves
+        if cfg.source.kind != "random":  # model.image_encoder.source (docs/models.md)
+            from dodo.models.sources import load_source
+            self.net = load_source(dataclasses.replace(cfg.source, tower="vision"), "model.image_encoder.source")
+            self.hidden = self.net.hidden if self.tokens else self.net.config.hidden_size
+            for p in self.net.parameters():  # MAGMA trains its encoder with a small lr
+                p.requires_grad_(cfg.trainable)
+            return
         if cfg.arch == "vit":
             if cfg.path:
                 _require_dir(cfg.path, "model.image_encoder.path")
@@ -93,6 +111,8 @@ class ImageEncoder(nn.Module):
         self.hidden = self.net.config.hidden_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, N, hidden)
+        if self.tokens:
+            return self.net(images).to(images.dtype)
         return self.net(pixel_values=images).last_hidden_state[:, 1:]
 
 
