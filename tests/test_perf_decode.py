@@ -88,3 +88,14 @@ def test_a_jpeg_cache_reads_through_the_configured_decoder(tmp_path):
     for name, img in images.items():
         assert img.shape == (32, 32, 3)
         assert np.abs(img.astype(int) - ref.astype(int)).max() <= 8, name
+
+
+def test_an_uninstalled_decoder_is_refused_at_config_time():
+    from dodo.config.errors import ConfigValueError
+    from dodo.data.config import DataConfig
+
+    assert DataConfig(decoder="pil_draft").decoder == "pil_draft"
+    missing = [n for n in ("simplejpeg", "turbojpeg") if n not in dec.available()]
+    for name in missing:
+        with pytest.raises(ConfigValueError, match=f"{name} is not installed here"):
+            DataConfig(decoder=name)

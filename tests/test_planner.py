@@ -169,3 +169,14 @@ def test_auto_ep_size_resolves_at_submit_without_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[1] == "False", "the planner must not import torch"
+
+
+def test_dry_run_prints_the_choice_and_both_estimates(tmp_path):
+    from conftest import REPO, dodo
+
+    out = dodo("submit", str(REPO / "jobs/moe_demo.yaml"), "--dry-run", "model.moe.ep_size=auto", cwd=tmp_path).stdout
+    assert "# expert placement" in out and "model.moe.ep_size: auto -> " in out
+    assert "replicated experts:" in out and "expert parallel over 2 ranks:" in out
+    bad = dodo("submit", str(REPO / "jobs/moe_demo.yaml"), "--dry-run", "model.moe.ep_size=most", cwd=tmp_path,
+               check=False)
+    assert bad.returncode == 2 and "model.moe.ep_size must be an integer or one of (auto)" in bad.stderr
