@@ -228,6 +228,22 @@ def test_damaged_tensor_stops_resume_and_publishes_nothing(stopped_on_two: Path,
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
 
 
+def test_damaged_fp32_master_stops_resume(stopped_on_two: Path, tmp_path: Path):
+    """The optimizer's fp32 copy (ZeRO shard of rank 1: its first expert is global expert 2) is
+    checked against the weights it belongs to, in the same layout as in the resharding."""
+    run = _copy(stopped_on_two, tmp_path)
+    path = run / "checkpoints" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard = torch.load(path, weights_only=False)
+    shard["optimizer_state_dict"]["single_partition_of_fp32_groups"][1].data[0] += 1e-3
+    torch.save(shard, path)
+    proc = dodo("submit", str(run), cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr + (run / "job" / "logs" / "rank_0.log").read_text()
+    line = next(l for l in text.splitlines() if "dodo: error:" in l and "fp32 master copy" in l)
+    assert "h.0.mlp.adapter.deepspeed_moe.experts.deepspeed_experts.2.down.weight differs from its weight" in line
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004"]
+
+
 def _slurm_up() -> bool:
     import shutil as sh
 

@@ -227,11 +227,20 @@ def verify(engine, ckpt: CheckpointInfo) -> int:
     the tensor. Returns how many were checked (0: a checkpoint from before checksums existed)."""
     expected = read_json(ckpt.path / reshard.CHECKSUMS)
     got = reshard.checksums(engine.module)
+    mine = reshard.master_problem(engine)  # the optimizer's fp32 copy, restored from the ZeRO shards
+    masters: list[Any] = [mine]
+    if dist.is_initialized():
+        masters = [None] * dist.get_world_size()
+        dist.all_gather_object(masters, mine)
+    damaged = "; the checkpoint is damaged: move it aside to resume from the one before"
+    problem = reshard.compare(expected, got, f"resuming from {ckpt.path}") if expected is not None else None
+    if problem:
+        raise CheckpointError(problem + damaged)
+    master = next((m for m in masters if m), None)
+    if master:
+        raise CheckpointError(f"resuming from {ckpt.path}: {master}{damaged}")
     if expected is None:
         return 0
-    problem = reshard.compare(expected, got, f"resuming from {ckpt.path}")
-    if problem:
-        raise CheckpointError(problem + "; the checkpoint is damaged: move it aside to resume from the one before")
     if not dist.is_initialized() or dist.get_rank() == 0:
         log.info("checksums of all %d trainable tensors match %s", len(expected), ckpt.path / reshard.CHECKSUMS)
     return len(expected)

@@ -127,6 +127,29 @@ def compare(expected: dict[str, str], got: dict[str, str], where: str) -> str | 
     return None
 
 
+def master_problem(engine) -> str | None:
+    """This rank's ZeRO fp32 master fragments against the weights they belong to, where both are
+    fp32 (bit for bit: ZeRO copies the master into the weight after every step); the first
+    difference as one line, or None. Local: no communication."""
+    import torch
+
+    opt = engine.optimizer
+    if not hasattr(opt, "bit16_groups"):
+        return None
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    logical = logical_names(engine.module)
+    for group in opt.bit16_groups:
+        for lp in group:
+            mapping = getattr(lp, "_hp_mapping", None)
+            if mapping is None or lp.dtype != torch.float32:
+                continue
+            addr, hp = mapping.lp_fragment_address, mapping.get_hp_fragment()
+            if not torch.equal(lp.detach().reshape(-1).narrow(0, addr.start, addr.numel), hp.to(lp.device)):
+                name = logical.get(names.get(id(lp), ""), (names.get(id(lp), "?"),))[0]
+                return f"the fp32 master copy of trainable tensor {name} differs from its weight"
+    return None
+
+
 # ------------------------------------------------------------------ reading a ZeRO-1/2 MoE checkpoint
 
 
@@ -197,7 +220,8 @@ def logical_state(ckpt: Path, world: int) -> dict[str, Any]:
                 for key, frags in pieces[name].items():
                     out.setdefault(key, {})[logical] = torch.cat(frags).view(tuple(shape)).clone()
     if len({float(s) for s in steps}) > 1:
-        raise ReshardError(f"{ckpt}: optimizer step counts differ between ZeRO shards: {sorted(set(map(float, steps)))}")
+        raise ReshardError(f"{ckpt}: optimizer step counts differ between ZeRO shards: "
+                           f"{sorted(set(map(float, steps)))}")
     keep = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad", "ds_version")
     out.update(step=steps[0] if steps else None,
                param_groups=[{k: v for k, v in g.items() if k != "params"} for g in groups_meta],
