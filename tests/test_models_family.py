@@ -264,3 +264,32 @@ def test_magma_report_on_natural_captions_lists_them_and_generates_by_decoding()
     greedy = task.generate(task.model.eval(), images, max_tokens=4)
     assert greedy == task.generate(task.model, images, method="beam", beams=1, max_tokens=4)
     assert len(task.generate(task.model, images, prompt="a photo of", method="sample", top_k=5, max_tokens=3)) == 3
+
+
+@pytest.mark.parametrize("loss", ["infonce", "mpm_nce"])
+def test_contrastive_positives_come_from_image_ids_when_the_batch_has_them(loss: str):
+    import torch
+
+    from dodo import losses
+    from dodo.models.clip.config import ClipConfig, ClipModelConfig
+    from dodo.models.clip.model import ClipDualEncoder
+
+    torch.manual_seed(0)
+    model = ClipDualEncoder(ClipModelConfig(clip=ClipConfig(loss=loss)), vocab_size=40, eos_token_id=0).eval()
+    images = torch.randn(4, 3, 32, 32)
+    ids = torch.randint(1, 40, (4, 6))  # four different captions
+    mask = torch.ones_like(ids)
+    image_ids = torch.tensor([7, 7, 3, 5])  # captions 0 and 1 describe the same image
+    with torch.no_grad():
+        img, txt = model.encode_image(images), model.encode_text(ids, mask)
+        scale = model.clip.logit_scale.exp().clamp(max=100.0)
+        if loss == "infonce":
+            want = losses.info_nce(img, txt, scale, positive_ids=image_ids)
+            assert float(model(images, ids, mask, image_ids=torch.arange(4))) == pytest.approx(
+                float(model(images, ids, mask)), rel=1e-6)  # distinct ids: CLIP's loss exactly
+        else:
+            c = model.cfg
+            want = losses.mpm_nce(img, txt, losses.positives_from_ids(image_ids), c.mpm_eps, c.mpm_delta, c.mpm_tau)
+        got = model(images, ids, mask, image_ids=image_ids)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert float(got) != pytest.approx(float(model(images, ids, mask)), rel=1e-4)  # the ids matter

@@ -201,3 +201,15 @@ def test_config_refuses_data_that_does_not_fit_the_model():
         load_job(REPO / "jobs/vlmo_retrieval.yaml", ["data.image_size=64"])
     with pytest.raises(ConfigError, match="more than model.vlmo.max_text_len=8"):
         load_job(REPO / "jobs/vlmo_retrieval.yaml", ["model.vlmo.max_text_len=8"])
+
+
+def test_image_ids_make_captions_of_one_image_positives():
+    m = model()
+    images, ids, mask = inputs()
+    torch.manual_seed(1)
+    plain = m(images, ids, mask)
+    torch.manual_seed(1)
+    assert torch.equal(m(images, ids, mask, image_ids=torch.arange(B)), plain)  # distinct ids: no change
+    torch.manual_seed(1)
+    shared = m(images, ids, mask, image_ids=torch.tensor([4, 4, 9]))  # captions 0 and 1: one image
+    assert torch.isfinite(shared) and not torch.equal(shared, plain)

@@ -111,7 +111,11 @@ class ClipDualEncoder(nn.Module):
         out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         return F.normalize(out if torch.is_tensor(out) else out.pooler_output, dim=-1)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``image_ids`` (B,), when the batch has them: captions of one image (or texts of one
+        class) are each other's positives; without them InfoNCE is CLIP's and MPM-NCE takes
+        identical captions as positives."""
         c, loss = self.cfg, images.new_zeros(())
         if c.objective == "mim":  # a pretext task alone (dodo/models/clip/task_masked.py)
             return self.mim(images)[0]
@@ -121,10 +125,12 @@ class ClipDualEncoder(nn.Module):
             img, txt = self.encode_image(images), self.encode_text(input_ids, attention_mask)
             if c.loss == "infonce":
                 scale = self.clip.logit_scale.exp().clamp(max=100.0)
-                loss = loss + c.contrastive_weight * losses.info_nce(img, txt, scale)
+                loss = loss + c.contrastive_weight * losses.info_nce(img, txt, scale, positive_ids=image_ids)
             else:
+                positives = same_caption(input_ids, attention_mask) if image_ids is None else \
+                    losses.positives_from_ids(image_ids)
                 loss = loss + c.contrastive_weight * losses.mpm_nce(
-                    img, txt, same_caption(input_ids, attention_mask), c.mpm_eps, c.mpm_delta, c.mpm_tau)
+                    img, txt, positives, c.mpm_eps, c.mpm_delta, c.mpm_tau)
         if c.mim_weight > 0:
             loss = loss + c.mim_weight * self.mim(images)[0]
         if c.mlm_weight > 0:

@@ -168,8 +168,9 @@ class MagmaModel(nn.Module):
         return torch.cat([prefix, text.to(prefix.dtype)], dim=1)  # (B, P + T, d)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean caption loss over the caption tokens and their EOS; padding is ignored."""
+                attention_mask: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean caption loss over the caption tokens and their EOS; padding is ignored.
+        ``image_ids`` (when the batch carries them) play no part in captioning."""
         embeds = self.embed(images, input_ids)
         n_prefix = embeds.shape[1] - input_ids.shape[1]
         mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], n_prefix), attention_mask], dim=1)

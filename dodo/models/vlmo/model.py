@@ -207,15 +207,20 @@ class VlmoModel(nn.Module):
 
     # ---------------------------------------------------------------- training objective
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``image_ids`` (B,), when the batch has them: captions of one image are positives of
+        each other in ITC and never drawn as ITM negatives (nor are identical captions)."""
         c, loss = self.cfg, images.new_zeros(())
         scale = self.logit_scale.exp().clamp(max=100.0)
         if c.contrastive_weight > 0 or c.itm_weight > 0:
             img, txt = self.encode_image(images), self.encode_text(input_ids, attention_mask)
             if c.contrastive_weight > 0:
-                loss = loss + c.contrastive_weight * losses.info_nce(img, txt, scale)
+                loss = loss + c.contrastive_weight * losses.info_nce(img, txt, scale, positive_ids=image_ids)
         if c.itm_weight > 0:
-            positives = same_caption(input_ids, attention_mask)
+            positives = same_caption(input_ids, attention_mask)  # (B, B)
+            if image_ids is not None:
+                positives = positives | losses.positives_from_ids(image_ids)
             neg_txt, neg_img = losses.hard_negatives(scale.detach() * img.detach() @ txt.detach().T, positives)
             b = len(images)
             logits = self.itm_logits(torch.cat([images, images, images[neg_img]]),
