@@ -159,7 +159,7 @@ def plan_input(cfg: Any) -> PlanInput:
     """The planner's inputs from a JobConfig (``cfg.model``, ``cfg.train``, ``cfg.data``,
     ``cfg.cluster``). Sequence length: caption tokens plus the image prefix tokens the LM sees."""
     m, moe, c = cfg.model, cfg.model.moe, cfg.cluster
-    lm = m.lm
+    lm = getattr(m, "lm", None)  # families without an `lm` section: the defaults below (GPT-2 small)
     d = int(getattr(lm, "d_model", 0) or getattr(lm, "hidden_size", 0) or 768)
     n_layer = int(getattr(lm, "n_layer", 0) or getattr(lm, "num_layers", 0) or 12)
     prefix = int(getattr(getattr(m, "image_encoder", None), "prefix_tokens", 0) or 0)
