@@ -70,7 +70,7 @@ def test_bad_sources_refused_at_submit(workdir: Path):
              (_job(workdir, lm, rn, arch="RN50x61", file="b.yaml"), "not an architecture open_clip knows"),
              (_job(workdir, lm, lm + "/config.json", file="c.yaml"), "is not a checkpoint file")]
     for job, message in cases:
-        proc = dodo("submit", job, *TINY, "--dry-run", cwd=workdir, check=False, timeout=120)
+        proc = dodo("submit", job, *TINY, cwd=workdir, check=False, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
         assert not (workdir / "runs").exists()
@@ -90,8 +90,9 @@ def test_clip_trains_from_local_hf_directory(workdir: Path):
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=1, num_attention_heads=2), projection_dim=16))
     clip.save_pretrained(str(workdir / "clip"), max_shard_size="50KB")
-    dodo("submit", "jobs/clip_lora.yaml", f"model.clip.path={workdir / 'clip'}", "data.num_train=64",
-         "data.num_eval=16", "eval.num_ood=16", "train.steps=3", "train.log_every=1", "train.eval_every=1000",
+    dodo("submit", "jobs/clip_lora.yaml", f"model.clip.path={workdir / 'clip'}", "data.num_train=256",
+         "data.num_eval=16", "eval.num_ood=16", "train.micro_batch=8", "train.steps=3", "train.log_every=1",
+         "train.eval_every=1000",
          "model.clip.max_text_len=32", cwd=workdir, timeout=600)
     (run,) = run_dirs(workdir / "runs", "clip_lora")
     losses = [m["train.loss"] for m in metrics(run) if "train.loss" in m]

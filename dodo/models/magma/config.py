@@ -103,6 +103,7 @@ class MagmaModelConfig(ModelConfig):
 def check_sources(job: object) -> None:
     """Submit time (torch-free): the configured weight sources exist, have their format and name
     an architecture the library knows (FamilySpec.validate)."""
+    import os
     model = job.model  # type: ignore[attr-defined]
-    check_source(model.lm.source, "model.lm.source")
-    check_source(model.image_encoder.source, "model.image_encoder.source")
+    for key, source in (("model.lm.source", model.lm.source), ("model.image_encoder.source", model.image_encoder.source)):
+        check_source(source, key, paths=os.path.exists(source.path))  # missing: MUST_EXIST says so

@@ -111,9 +111,17 @@ def _unknown_arch(key: str, arch: str, known: tuple[str, ...], lib: str) -> Conf
     return ConfigError(f"{key}.arch={arch!r} is not an architecture {lib} knows{hint}")
 
 
-def check_source(cfg: SourceConfig, key: str = "source") -> None:
-    """Submit-time checks (no torch): existence, format and architecture name. Raises ConfigError."""
+def check_source(cfg: SourceConfig, key: str = "source", paths: bool = True) -> None:
+    """Submit-time checks (no torch): existence, format and architecture name. Raises ConfigError.
+    ``paths=False``: the architecture name only (a job with placeholder paths still dry-runs;
+    the submit-time MUST_EXIST check reports a missing path)."""
     if cfg.kind == "random":
+        return
+    if not paths:
+        if cfg.kind == "open_clip" and open_clip_archs() and cfg.arch not in open_clip_archs():
+            raise _unknown_arch(key, cfg.arch, open_clip_archs(), "open_clip")
+        if cfg.kind == "timm" and timm_archs() and cfg.arch.split(".", 1)[0] not in timm_archs():
+            raise _unknown_arch(key, cfg.arch.split(".", 1)[0], timm_archs(), "timm")
         return
     path = cfg.path
     if not os.path.exists(path):
