@@ -125,3 +125,24 @@ def test_bad_inputs_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"tensor visual\.\S+ has shape") as err:
         load_open_clip(SourceConfig(kind="open_clip", path=good, arch="ViT-B-16", arch_kwargs=json.dumps(wrong)))
     assert "\n" not in str(err.value)
+
+
+def test_submit_checks_are_torch_free_and_the_stand_in_is_scoped(tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "w.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path))
+    code = ("import sys\n"
+            "from dodo.models.sources import SourceConfig, check_source\n"
+            f"check_source(SourceConfig(kind='open_clip', path={str(path)!r}, arch='RN50x16'))\n"
+            f"check_source(SourceConfig(kind='timm', path={str(path)!r}, arch='vit_base_patch16_224.dino'))\n"
+            "assert 'torch' not in sys.modules, 'torch imported at submit'\n"
+            "from dodo.models.sources.libs import import_open_clip, import_timm\n"
+            "import_open_clip(); import_timm()\n"
+            "from transformers.utils import import_utils\n"
+            "import importlib.util\n"
+            "if importlib.util.find_spec('torchvision') is None:  # no real torchvision here\n"
+            "    assert not [m for m in sys.modules if m.split('.')[0] == 'torchvision'], 'stand-in left'\n"
+            "    assert not import_utils.is_torchvision_available()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
