@@ -206,8 +206,14 @@ def supervise(run_dir: str, command: list[str]) -> int:
         silent = dog.silent()
         if silent:
             s = silent[0]
+            state = proc_state(child.pid)  # before the dump continues it (and the others end it)
             dump_stacks(run, {rank: child.pid})
-            record_fault(run, "hang", rank=rank, host=s.host, phase=s.phase, step=s.step,
+            # Every rank's supervisor sees its rank go silent once one hangs (the others block in
+            # its collective), and beats of a rank continued for its dump are not comparable. So a
+            # supervisor blames its host only when its rank was stopped (or gone) at detection; a
+            # wedge in a kernel (state R/D) is recorded unblamed: no host is excluded for it.
+            blame = state in ("T", "t", "Z", "")
+            record_fault(run, "hang", rank=rank, host=s.host, phase=s.phase, step=s.step, blame=blame,
                          silent_s=round(s.silent_s, 1), allowance_s=s.allowance_s)
             print(f"dodo: watchdog: {s.describe()}; stacks in {run.job / 'stacks'}; ending the attempt",
                   file=sys.stderr, flush=True)

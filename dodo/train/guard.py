@@ -36,10 +36,9 @@ def injected_nan(step: int, rank: int) -> bool:
 
 
 def _any_nonfinite(tensors: Iterable[torch.Tensor | None]) -> bool:
-    for t in tensors:
-        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
-            return True
-    return False
+    """One device sync for all tensors (a GPU would otherwise sync once per tensor)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None and t.numel()]
+    return bool(flags) and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
 def local_grads_nonfinite(engine) -> bool:
@@ -50,14 +49,15 @@ def local_grads_nonfinite(engine) -> bool:
     return any(_any_nonfinite(grads or []) for grads in averaged.values())
 
 
-def params_nonfinite(params: Iterable[torch.Tensor]) -> bool:
+def params_nonfinite(params: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> bool:
     """Collective: whether any rank holds a non-finite trainable tensor."""
-    return agree(_any_nonfinite(params))
+    return agree(_any_nonfinite(params), device)
 
 
-def agree(flag: bool) -> bool:
-    """One all-reduce (MAX): True on every rank when it is True on any."""
-    t = torch.tensor([1.0 if flag else 0.0])
+def agree(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """One all-reduce (MAX): True on every rank when it is True on any. `device`: the process
+    group's (NCCL reduces CUDA tensors only)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -97,8 +97,8 @@ def skip_update(engine) -> None:
 class NonFiniteGuard:
     """Counts consecutive skipped steps; `check` returns 'ok', 'skip' or 'stop'."""
 
-    def __init__(self, policy: str, max_skips: int, fp16: bool):
-        self.policy, self.max_skips, self.fp16 = policy, max_skips, fp16
+    def __init__(self, policy: str, max_skips: int, fp16: bool, device: torch.device | str = "cpu"):
+        self.policy, self.max_skips, self.fp16, self.device = policy, max_skips, fp16, device
         self.consecutive = 0
         self.skipped: list[int] = []  # steps skipped in this allocation
         self.reason = ""
@@ -108,9 +108,10 @@ class NonFiniteGuard:
         bad_loss = any(not math.isfinite(v) for v in losses)
         bad_grad = False if self.fp16 else local_grads_nonfinite(engine)
         # Two flags in one all-reduce: which of the two went wrong, for the message.
-        t = torch.tensor([1.0 if bad_loss else 0.0, 1.0 if bad_grad else 0.0])
+        t = torch.tensor([1.0 if bad_loss else 0.0, 1.0 if bad_grad else 0.0], device=self.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = t.cpu()
         if not t.any():
             self.consecutive = 0
             return "ok"

@@ -67,7 +67,7 @@ class Trainer:
         self.step = 0
         self.history: dict[str, Any] = {}
         self.guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips,
-                                    fp16=self.precision == "fp16")
+                                    fp16=self.precision == "fp16", device=self.device)
         self.step_seconds = 0.0  # mean wall time of a step in this allocation, for the save budget
         if ckpt is not None:
             state = checkpoint.load(self.engine, ckpt, universal, seed=cfg.train.seed)
@@ -109,7 +109,7 @@ class Trainer:
 
     def _save(self) -> None:
         # Never publish a checkpoint a resume would carry the divergence from (collective).
-        if params_nonfinite(p for p in self.engine.module.parameters() if p.requires_grad):
+        if params_nonfinite((p for p in self.engine.module.parameters() if p.requires_grad), self.device):
             raise Diverged(f"non-finite trainable weights at step {self.step}")
         self.heartbeat.beat("checkpoint", self.step, force=True)
         state = {"step": self.step, "sampler": self._sampler(self.step).state_dict(self.step),
