@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY, dodo, metrics, run_dirs
 
-pytestmark = [pytest.mark.multiprocess]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 JOB = str(Path(__file__).parents[1] / "jobs/demo.yaml")
 
 
