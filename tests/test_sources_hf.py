@@ -106,6 +106,9 @@ def test_hf_bad_inputs(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ConfigError, match="no config.json"):
         check_source(SourceConfig(kind="hf", path=str(tmp_path / "empty"), tower="lm"))
+    LMS["gpt2"]().config.save_pretrained(str(tmp_path / "empty"))  # a config without weights
+    with pytest.raises(ConfigError, match="holds no weights"):
+        check_source(SourceConfig(kind="hf", path=str(tmp_path / "empty"), tower="lm"))
     bigger = LMS["gpt2"]().config
     bigger.n_embd = 64
     bigger.save_pretrained(path)  # config.json now disagrees with the weights

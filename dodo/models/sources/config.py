@@ -133,7 +133,7 @@ def check_source(cfg: SourceConfig, key: str = "source", paths: bool = True) -> 
                               "directory (config.json + weights, as save_pretrained writes it)")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{key}.path={path!r} has no config.json: not a Hugging Face model directory")
-        if cfg.tower != "text" and not any(os.path.isfile(os.path.join(path, w)) for w in HF_WEIGHTS):
+        if not any(os.path.isfile(os.path.join(path, w)) for w in HF_WEIGHTS):
             raise ConfigError(f"{key}.path={path!r} holds no weights ({', '.join(HF_WEIGHTS)})")
         return
     if os.path.isdir(path):
