@@ -68,7 +68,11 @@ def test_bad_sources_refused_at_submit(workdir: Path):
     lm, rn = _checkpoints(workdir)
     cases = [(_job(workdir, str(workdir / "nope"), rn, file="a.yaml"), "model.lm.source.path"),
              (_job(workdir, lm, rn, arch="RN50x61", file="b.yaml"), "not an architecture open_clip knows"),
-             (_job(workdir, lm, lm + "/config.json", file="c.yaml"), "is not a checkpoint file")]
+             (_job(workdir, lm, lm + "/config.json", file="c.yaml"), "is not a checkpoint file"),
+             (_job(workdir, str(workdir / "big"), rn, file="d.yaml"),
+              "model.tokenizer: the tokenizer has 22 tokens but the LM's embedding has 500 rows")]
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=500, n_positions=64, n_embd=32, n_layer=1, n_head=2)) \
+        .save_pretrained(str(workdir / "big"))  # another LM's vocabulary
     for job, message in cases:
         proc = dodo("submit", job, *TINY, cwd=workdir, check=False, timeout=120)
         assert proc.returncode == 2, proc.stderr

@@ -8,7 +8,8 @@ from typing import Literal, Optional
 from dodo.config.errors import check
 from dodo.config.preflight import MUST_EXIST
 from dodo.models.config import ModelConfig
-from dodo.models.sources.config import SourceConfig, check_source
+from dodo.models.sources.config import (SourceConfig, check_source, check_tokenizer_vocab, hf_vocab_size,
+                                        tokenizer_size)
 
 
 @dataclass
@@ -107,3 +108,8 @@ def check_sources(job: object) -> None:
     model = job.model  # type: ignore[attr-defined]
     for key, source in (("model.lm.source", model.lm.source), ("model.image_encoder.source", model.image_encoder.source)):
         check_source(source, key, paths=os.path.exists(source.path))  # missing: MUST_EXIST says so
+    lm = model.lm.source
+    if lm.kind == "hf" and os.path.isdir(lm.path):  # the tokenizer must fit the LM's embedding
+        n, rows = tokenizer_size(model.tokenizer), hf_vocab_size(lm.path)
+        if n is not None and rows is not None:
+            check_tokenizer_vocab(n, rows)

@@ -156,3 +156,47 @@ def check_source(cfg: SourceConfig, key: str = "source", paths: bool = True) -> 
             raise ConfigError("source kind timm needs the timm package; run `make install`")
         if cfg.arch.split(".", 1)[0] not in known:  # the ".dino" / ".mae" tag is checked at load
             raise _unknown_arch(key, cfg.arch.split(".", 1)[0], known, "timm")
+
+
+# An LM's embedding may be padded beyond its tokenizer's vocabulary for speed (GPT-J: 50400 rows
+# for 50257 tokens); more padding than this means tokenizer and LM do not belong together.
+MAX_EMBED_PADDING = 256
+ADDED_TOKENS_SLACK = 8  # tokens dodo / a method adds (EOS, pad, MAGMA's <|image|>): resized at build
+
+
+def check_tokenizer_vocab(tokenizer_size: int, embed_rows: int, key: str = "model.tokenizer") -> None:
+    """The tokenizer's ids must index the LM's embedding: size <= rows (+ a few added tokens,
+    resized later) and rows - size < MAX_EMBED_PADDING. Raises ConfigError (one line)."""
+    if tokenizer_size > embed_rows + ADDED_TOKENS_SLACK or embed_rows - tokenizer_size >= MAX_EMBED_PADDING:
+        raise ConfigError(f"{key}: the tokenizer has {tokenizer_size} tokens but the LM's embedding has "
+                          f"{embed_rows} rows; they are not a pair: use the LM's own tokenizer")
+
+
+def tokenizer_size(spec: str) -> Optional[int]:
+    """Tokens of a tokenizer (builtin:synthetic, a tokenizer.json or a tokenizer directory) read
+    without torch; None when the files are not ones this knows (the load-time check still runs)."""
+    if spec == "builtin:synthetic":
+        path = Path(__file__).resolve().parents[2] / "assets" / "synthetic_tokenizer.json"
+    else:
+        path = Path(os.path.expanduser(spec))
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        path = path / "tokenizer.json"
+    if path.is_file() and path.suffix == ".json":
+        from tokenizers import Tokenizer  # Rust, no torch
+        return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    if path.is_dir() and (path / "vocab.json").is_file():  # GPT-2 style BPE files
+        n = len(json.loads((path / "vocab.json").read_text()))
+        added = path / "added_tokens.json"
+        return n + (len(json.loads(added.read_text())) if added.is_file() else 0)
+    if path.is_dir() and (path / "vocab.txt").is_file():  # BERT WordPiece
+        return sum(1 for line in (path / "vocab.txt").read_text(encoding="utf-8").splitlines() if line)
+    return None
+
+
+def hf_vocab_size(path: str) -> Optional[int]:
+    """config.json's vocab_size of a Hugging Face model directory (no torch)."""
+    try:
+        value = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) else None

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dodo.config.errors import ConfigError
-from dodo.models.sources.config import SourceConfig
+from dodo.models.sources.config import SourceConfig, check_tokenizer_vocab  # noqa: F401 - re-exported
 from dodo.models.sources.load import freeze_eval, pick_dtype
 
 
@@ -97,14 +97,3 @@ def load_hf_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-# An LM's embedding matrix may be padded beyond its tokenizer's vocabulary for speed (GPT-J:
-# 50400 rows for 50257 tokens); more padding than this means tokenizer and LM do not belong together.
-MAX_EMBED_PADDING = 256
-
-
-def check_tokenizer_vocab(tokenizer_size: int, embed_rows: int, key: str = "model.tokenizer") -> None:
-    """The tokenizer's ids must index the LM's embedding: len(tokenizer) <= rows < len + padding.
-    Tokens a method adds (MAGMA's <|image|>) are counted in len(tokenizer) and resized for later."""
-    if not tokenizer_size <= embed_rows + 8 or embed_rows - tokenizer_size >= MAX_EMBED_PADDING:
-        raise ConfigError(f"{key}: the tokenizer has {tokenizer_size} tokens but the LM's embedding has "
-                          f"{embed_rows} rows; they are not a pair: use the LM's own tokenizer")
