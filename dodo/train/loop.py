@@ -22,10 +22,10 @@ from dodo.tasks import build_task
 from dodo.train import checkpoint, provenance
 from dodo.train.guard import NonFiniteGuard, injected_nan, params_nonfinite, skip_update
 from dodo.train.heartbeat import Heartbeat
+from dodo.train.init_from import read_init
 from dodo.train.metrics import MetricsWriter, Progress
 from dodo.train.signals import StopFlag
 from dodo.train.summary import write_summary
-from dodo.train.init_from import read_init
 
 log = logging.getLogger("dodo.train")
 SAVE_MARGIN = 1.5  # a save must fit in cluster.signal_lead_s this many times over (with one step)
