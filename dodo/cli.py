@@ -220,6 +220,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"{args.job}: {missing[0]}")
     _check_caches(cfg)
+    _check_suites(cfg)
     try:
         backend.preflight(cfg)  # e.g. sbatch missing: refuse before writing anything
     except BackendError as err:
@@ -300,6 +301,15 @@ def _check_caches(cfg) -> None:
             Manifest.load(root).verify(root, d.verify)
         except CacheError as err:
             raise ConfigError(f"data.{key}={path!r}: {err}") from None
+
+
+def _check_suites(cfg) -> None:
+    """Refuse, before anything is written, an eval suite the run's data cannot feed."""
+    from dodo.eval.suites import check_suites
+    from dodo.models.registry import family
+
+    spec = family(cfg.model.family)
+    check_suites(cfg, spec.default_suites, spec.eval_hooks)
 
 
 def _remove_empty(*folders: Path) -> None:

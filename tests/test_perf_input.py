@@ -35,7 +35,7 @@ def test_device_normalise_equals_the_float_collator():
     # Same formula and float32 constants on both sides: equal, not just close, on the CPU.
     assert torch.equal(moved["images"], floats["images"])
     assert torch.equal(moved["input_ids"], floats["input_ids"])
-    assert set(moved) == {"images", "input_ids", "attention_mask"}  # host-only lists dropped
+    assert set(moved) == {"images", "input_ids", "attention_mask", "image_ids"}  # host-only lists dropped
     half = DeviceBatch("cpu", MEAN, STD, torch.bfloat16)(u8)["images"]
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), floats["images"], atol=2e-2, rtol=1e-2)

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from dodo.data.synthetic import Sample
+from dodo.data.sample import Sample
 
 log = logging.getLogger("dodo.data")
 OUTPUTS = ("float32", "uint8")
@@ -139,13 +139,17 @@ class CaptionCollator:
         # (np.stack); the transposing copy happens on the device, fused with the float
         # conversion (a host-side transposing copy cost ~4x the stack: docs/benchmarks.md).
         images = self.pixels(samples) if self.output == "uint8" else self.images(samples)
-        return {
+        out = {
             "images": images,  # (B, 3, H, W) float32 normalised, or uint8 (to_device normalises)
             "input_ids": input_ids,  # (B, T) long
             "attention_mask": attention_mask,  # (B, T) long
             "captions": captions,
             "keys": [s.key for s in samples],
         }
+        ids = [getattr(s, "image_id", -1) for s in samples]
+        if min(ids) >= 0:  # captions of one image are each other's positives (contrastive losses)
+            out["image_ids"] = torch.tensor(ids, dtype=torch.long)  # (B,)
+        return out
 
 
 def tokenizer_matches(recorded: dict, tokenizer: Any) -> tuple[bool, str]:

@@ -41,6 +41,46 @@ class Task(abc.ABC):
         """Rank 0, after training: extra metrics for summary.json and lines to print."""
 
 
+    def suite_report(self, model: nn.Module) -> tuple[dict[str, float], list[str]]:
+        """Rank 0, after training: the job's explicit ``eval.suites`` (dodo/eval/suites.py), each
+        on its datasets, through this family's hooks. Keys ``eval.<kind>.<dataset>.<metric>``."""
+        suites = list(getattr(self.cfg.eval, "suites", None) or [])  # type: ignore[attr-defined]
+        if not suites:
+            return {}, []
+        import functools
+
+        import numpy as np
+
+        from dodo.data.dataset import CachedDataset
+        from dodo.data.manifest import describe
+        from dodo.eval.runner import SuiteHooks, run_suites
+
+        cfg = self.cfg  # type: ignore[attr-defined]
+
+        def bound(name: str) -> Callable | None:
+            return functools.partial(getattr(self, name), model) if hasattr(self, name) else None
+
+        def shapes_ood(suite: Any) -> Any:
+            from dodo.eval import shapes
+            return shapes.ood_pool(suite.num_ood, suite.ood_holdout or shapes.DEFAULT_HOLDOUT,
+                                   cfg.data.image_size, cfg.data.seed)
+
+        gen = bound("generate")
+        hooks = SuiteHooks(
+            open_cache=lambda path: CachedDataset(path, verify="none"),  # checked at submit
+            heldout=self.eval_set, train=self.train_set, describe=describe,
+            encode_images=bound("encode_images"), encode_texts=bound("encode_texts"),
+            generate=(lambda imgs, **d: gen(np.stack(imgs), **d)) if gen else None,
+            shapes_ood=shapes_ood)
+        was = model.training
+        model.eval()
+        try:
+            metrics = run_suites(suites, hooks)
+        finally:
+            model.train(was)
+        return metrics, [f"  {k:44} {v:.4f}" for k, v in metrics.items()]
+
+
 def build_task(cfg: JobConfig, init: InitState | None = None) -> Task:
     """The task of ``cfg.model.family``. ``init``: tensors from other runs (upcycling, adapter
     transfer) that the train layer read (dodo.train.init_from.read_init); None when the job

@@ -39,7 +39,7 @@ class ContrastiveTask(Task):
                 m.ema_every = cfg.train.grad_accum
         train, evals = build_datasets(cfg.data)
         self.ood_set: Dataset | None = None
-        if cfg.eval.ood_holdout:  # the shapes suite's colour-shape shift
+        if cfg.eval.ood_holdout and len(train) and shapes.is_shapes([train[0]]):  # the shapes suite's colour-shape shift (synthetic data only)
             train, evals, self.ood_set = shapes.ood_split(cfg, train, evals)
         self.train_set, self.eval_set = train, evals
         self.collate = CaptionCollator(self.tokenizer, cfg.data.max_caption_tokens)

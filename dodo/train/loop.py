@@ -275,6 +275,8 @@ class Trainer:
         with self._rank0_may_run_alone():
             if writer is not None:
                 extra, report = self.task.final_report(self.engine.module)
+                suites, suite_lines = self.task.suite_report(self.engine.module)
+                extra, report = {**extra, **suites}, report + (["eval suites:"] + suite_lines if suites else [])
                 writer.write(self.step, **final_eval, **extra)
                 write_summary(self.run, self.cfg, self.history["initial_eval"], {**final_eval, **extra}, report,
                               train_seconds, self.world, self.trainable, self.total_params)
