@@ -66,16 +66,23 @@ class CachedDataset(torch.utils.data.Dataset):
     def classnames(self) -> list[str]:
         return list(self.manifest.classnames)
 
-    def image_ids(self) -> np.ndarray:
-        """(len(self),) int64: the image id of every sample, without decoding any image."""
+    def _per_sample(self, values) -> np.ndarray:
+        """(len(self),) int64 from ``values(k, reader, rows)``: shard k's value for each of its
+        samples in range, ``rows`` being their image rows in that shard. No image is decoded."""
         out = np.empty(len(self), np.int64)
         for k, reader in enumerate(self.readers):
             lo, hi = max(self.offsets[k], self.start), min(self.offsets[k + 1], self.stop)
             if lo < hi:
                 reader.open()
-                ci = reader.caption_image[lo - self.offsets[k]:hi - self.offsets[k]]
-                out[lo - self.start:hi - self.start] = ci.astype(np.int64) + self.rows[k]
-        return out if self.manifest.modality != "text" else np.full(len(self), -1, np.int64)
+                rows = reader.caption_image[lo - self.offsets[k]:hi - self.offsets[k]]
+                out[lo - self.start:hi - self.start] = values(k, reader, rows)
+        return out
+
+    def image_ids(self) -> np.ndarray:
+        """(len(self),) int64: the image id of every sample (-1 for a text cache)."""
+        if self.manifest.modality == "text":
+            return np.full(len(self), -1, np.int64)
+        return self._per_sample(lambda k, reader, rows: rows.astype(np.int64) + self.rows[k])
 
     def image_start(self, i: int) -> int:
         """The index of the first sample (caption) of the image that sample ``i`` belongs to."""
@@ -89,14 +96,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def labels(self) -> np.ndarray:
         """(len(self),) int64: the class label of every sample (-1 without labels)."""
-        out = np.empty(len(self), np.int64)
-        for k, reader in enumerate(self.readers):
-            lo, hi = max(self.offsets[k], self.start), min(self.offsets[k + 1], self.stop)
-            if lo < hi:
-                reader.open()
-                ci = reader.caption_image[lo - self.offsets[k]:hi - self.offsets[k]]
-                out[lo - self.start:hi - self.start] = reader.labels[ci]
-        return out
+        return self._per_sample(lambda k, reader, rows: reader.labels[rows])
 
     def __len__(self) -> int:
         return self.stop - self.start
