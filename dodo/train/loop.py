@@ -72,6 +72,8 @@ class Trainer:
         if ckpt is not None:
             state = checkpoint.load(self.engine, ckpt, universal, seed=cfg.train.seed)
             self.step, self.history = state["step"], state.get("history", {})
+            if "task" in state:  # the task's own state (the hard-sample bank), before the sampler reads it
+                self.task.load_state_dict(state["task"])
             self._sampler(self.step).check_resumable(state["sampler"])
             log.info("resumed from %s at step %d%s", ckpt.path, self.step,
                      f" (written by {ckpt.world_size} ranks, now {self.world}: via {universal})" if universal else "")
@@ -80,10 +82,12 @@ class Trainer:
         log.info("startup: checkpoint %.3f", time.time())
 
     def _sampler(self, start_step: int) -> GlobalBatchSampler:
-        return GlobalBatchSampler(len(self.task.train_set), self.global_batch, self.rank, self.world,
-                                  seed=self.cfg.data.seed, start_step=start_step,
-                                  max_steps=self.cfg.train.steps, block=self.cfg.data.shuffle_block,
-                                  window=self.cfg.data.shuffle_window)
+        # A task may order its data itself (hard-sample weighting: dodo/data/hard_sampler.py).
+        make = getattr(self.task, "batch_sampler", GlobalBatchSampler)
+        return make(len(self.task.train_set), self.global_batch, self.rank, self.world,
+                    seed=self.cfg.data.seed, start_step=start_step,
+                    max_steps=self.cfg.train.steps, block=self.cfg.data.shuffle_block,
+                    window=self.cfg.data.shuffle_window)
 
     def _loader(self) -> torch.utils.data.DataLoader:
         # A private generator: the DataLoader draws its worker base seed from it, not from the
@@ -114,6 +118,8 @@ class Trainer:
         self.heartbeat.beat("checkpoint", self.step, force=True)
         state = {"step": self.step, "sampler": self._sampler(self.step).state_dict(self.step),
                  "history": self.history, "dodo_version": __version__}
+        if hasattr(self.task, "state_dict"):  # e.g. the hard-sample bank (identical on every rank)
+            state["task"] = self.task.state_dict()
         started = time.perf_counter()
         info = checkpoint.save(self.engine, self.run, self.step, state, self.cfg.train.keep_checkpoints)
         seconds = time.perf_counter() - started

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 
 from dodo.config.errors import check
 from dodo.config.preflight import MUST_EXIST
+from dodo.models.clip.hard_config import HardSamplesConfig
 from dodo.models.config import ModelConfig
 
 
@@ -45,6 +46,9 @@ class ClipConfig:
     # model.adapter is injected first and loaded from its newest checkpoint; then this run's
     # own model.adapter is added on top and trained (masked adapters: docs/methods.md).
     init_adapters: list[str] = field(default_factory=list, metadata=MUST_EXIST)
+    # The hard-sample domain adapter: a difficulty bank weighting the loss and the sampler
+    # (dodo/models/clip/hard_config.py; docs/methods.md).
+    hard_samples: HardSamplesConfig = field(default_factory=HardSamplesConfig)
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads",
@@ -65,6 +69,9 @@ class ClipConfig:
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.contrastive_weight + self.mim_weight + self.mlm_weight > 0, "contrastive_weight",
               "all loss weights are 0: set contrastive_weight, mim_weight or mlm_weight")
+        check(not self.hard_samples.enabled or (self.objective == "contrastive" and self.loss == "infonce"),
+              "hard_samples.enabled", f"needs per-pair InfoNCE losses, but objective={self.objective}, "
+              f"loss={self.loss}; set model.clip.objective=contrastive and model.clip.loss=infonce")
 
 
 # The tower-defining CLIP keys; objective, loss weights, trainable heads may differ between

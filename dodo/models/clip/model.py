@@ -112,8 +112,10 @@ class ClipDualEncoder(nn.Module):
         return F.normalize(out if torch.is_tensor(out) else out.pooler_output, dim=-1)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``image_ids`` (B,), when the batch has them: captions of one image (or texts of one
+                image_ids: torch.Tensor | None = None, sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        """``sample_index`` (B,): the pairs' training-set rows, given with hard-sample training
+        (model.clip.hard_samples, task_hard.py attaches ``hard_bank``): weighted loss + bank update.
+        ``image_ids`` (B,), when the batch has them: captions of one image (or texts of one
         class) are each other's positives; without them InfoNCE is CLIP's and MPM-NCE takes
         identical captions as positives."""
         c, loss = self.cfg, images.new_zeros(())
@@ -125,7 +127,11 @@ class ClipDualEncoder(nn.Module):
             img, txt = self.encode_image(images), self.encode_text(input_ids, attention_mask)
             if c.loss == "infonce":
                 scale = self.clip.logit_scale.exp().clamp(max=100.0)
-                loss = loss + c.contrastive_weight * losses.info_nce(img, txt, scale, positive_ids=image_ids)
+                bank = getattr(self, "hard_bank", None)
+                if bank is not None and sample_index is not None:
+                    loss = loss + c.contrastive_weight * bank.weighted_loss(img, txt, scale, image_ids, sample_index)
+                else:
+                    loss = loss + c.contrastive_weight * losses.info_nce(img, txt, scale, positive_ids=image_ids)
             else:
                 positives = same_caption(input_ids, attention_mask) if image_ids is None else \
                     losses.positives_from_ids(image_ids)

@@ -13,5 +13,8 @@ def build_task(cfg: JobConfig, init: InitState | None = None) -> Task:
     if cfg.model.clip.objective != "contrastive":
         from dodo.models.clip.task_masked import MaskedTask  # mim / mlm pretext (masked adapters)
         return MaskedTask(cfg, init)
+    if cfg.model.clip.hard_samples.enabled:  # difficulty bank + weighted sampler (task_hard.py)
+        from dodo.models.clip.task_hard import HardSampleTask
+        return HardSampleTask(cfg, init)
     from dodo.tasks.contrastive import ContrastiveTask
     return ContrastiveTask(cfg, init)
