@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from dodo.models.config import ModelConfig
 
 # Families shipped with dodo, one folder each. Others call register() from their own package.
-BUILTIN = ("magma", "clip", "vlmo", "prompt", "weak", "lang_adapter")
+BUILTIN = ("magma", "clip", "vlmo", "prompt")
 
 
 @dataclass
@@ -32,13 +32,10 @@ class InitState:
     ``dense_state``: ``model.moe.upcycle_from``'s dense trainable state (name -> tensor), copied
     into every expert (sparse upcycling). ``adapters``: ``AdapterSource``s
     (dodo/adapters/transfer.py), injected frozen in this order before the run's own adapters.
-    ``weights``: the model weights an earlier stage ended with (``ModelConfig.init_weights_run``,
-    its chain of stages merged, newest last), name -> tensor, loaded before training starts.
     """
 
     dense_state: Optional[dict[str, Any]] = None
     adapters: list[Any] = field(default_factory=list)
-    weights: Optional[dict[str, Any]] = None
 
 
 @dataclass(frozen=True)
@@ -67,13 +64,6 @@ class FamilySpec:
     # Suite kinds measured on the held-out split when eval.suites is empty and the data is not
     # the synthetic shapes (dodo.eval.suites.effective_suites' default_kinds).
     default_suites: tuple[str, ...] = ()
-    # JobConfig -> the default suite kinds when they depend on the job (e.g. none for CLIP's
-    # masked pretext stages); None: ``default_suites``. See ``FamilySpec.suites_of``.
-    suites_for: Optional[Callable[[Any], tuple[str, ...]]] = None
-
-    def suites_of(self, cfg: Any) -> tuple[str, ...]:
-        """The default suite kinds of the job ``cfg`` (its family's)."""
-        return tuple(self.suites_for(cfg)) if self.suites_for is not None else self.default_suites
 
 
 _REGISTRY: dict[str, FamilySpec] = {}
