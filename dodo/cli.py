@@ -1,4 +1,4 @@
-"""dodo's command line: submit | run | status | logs | cancel | sweep | table | data | eval | upcycle.
+"""dodo's command line: submit | run | status | logs | cancel | sweep | table | data | eval | export | generate | upcycle.
 
 Expected failures (bad job, bad run directory, refused submission) print one `dodo: error:`
 line and exit 2 (1 for a run that failed); only real bugs show a traceback.
@@ -45,27 +45,51 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cancel", help="stop a run for good")
     c.add_argument("run")
 
-    sw = sub.add_parser("sweep", help="submit a grid of overrides as one job array, one run per point")
+    sw = sub.add_parser("sweep", help="submit a grid and/or listed points of overrides as one job array")
     sw.add_argument("job", help="jobs/<name>.yaml")
     sw.add_argument("overrides", nargs="*", help="key.path=value overrides shared by every point")
-    sw.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
-                    help="e.g. --grid train.lr=1e-4,3e-4 train.seed=0,1 (the product of all)")
+    sw.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                    help="e.g. --grid train.lr=1e-4,3e-4 train.seed=0,1 (the product of all; with listed "
+                         "points, every point at every grid combination)")
+    sw.add_argument("--point", action="append", default=[], metavar="'[LABEL:] K=V ...'",
+                    help="a listed point (repeatable), e.g. --point \"lora: model.adapter.kind=lora train.lr=1e-3\"")
+    sw.add_argument("--points", default=None, metavar="FILE",
+                    help="a YAML list of override mappings, each with an optional `name:` label")
     sw.add_argument("--cluster", default=None, metavar="PROFILE", help="as for submit")
     sw.add_argument("--dry-run", action="store_true", help="print the points and the script only")
 
-    tb = sub.add_parser("table", help="a sweep's final metrics as markdown (and table.csv)")
-    tb.add_argument("sweep", help="runs/<name>/sweep_<id>")
+    ch = sub.add_parser("chain", help="submit stages that take earlier stages' run directories as inputs")
+    ch.add_argument("chain", help="a chain file (docs/clusters.md: stage chains)")
+    ch.add_argument("overrides", nargs="*", help="key.path=value overrides for every stage")
+    ch.add_argument("--cluster", default=None, metavar="PROFILE", help="as for submit")
+    ch.add_argument("--dry-run", action="store_true", help="check every stage and print the plan only")
+
+    tb = sub.add_parser("table", help="a sweep's (or chain's) final metrics as markdown (and csv)")
+    tb.add_argument("sweep", help="runs/<name>/sweep_<id> or runs/<name>/chain_<id>")
+    tb.add_argument("--layout", default="points", choices=["points", "methods", "retrieval", "idood"],
+                    help="points: a row per point; methods: a row per method, mean ± std over train.seed; "
+                         "retrieval: T->I / I->T R@1/5/10; idood: one metric on ID / OOD datasets + OOD mean")
+    tb.add_argument("--metric", default="", help="idood: the metric (top1, r_mean, ...; default: top1, r_mean)")
+    tb.add_argument("--metrics", nargs="+", default=[], metavar="GLOB",
+                    help="methods: only these metric keys, e.g. 'eval.zeroshot.*.top1'")
+    tb.add_argument("--dataset", default="", help="retrieval: one dataset; idood: one suite kind")
 
     _data_parser(sub)
 
     ev = sub.add_parser("eval", help="evaluate a trained run (retrieval, zero-shot, kNN, WiSE curve)")
     ev.add_argument("run", help="a run directory with a checkpoint")
-    ev.add_argument("--task", default="all", choices=["retrieval", "zeroshot", "knn", "wise", "all"])
+    ev.add_argument("--task", default=None, choices=["retrieval", "zeroshot", "knn", "wise", "weightwatcher", "all"],
+                    help="default: all (retrieval, zeroshot, knn, wise)")
+    ev.add_argument("--wise", action="store_true", help="the WiSE-FT curve against the stored pretrained weights")
+    ev.add_argument("--weightwatcher", action="store_true", help="WeightWatcher's per-layer alpha (mean + layers)")
 
     ex = sub.add_parser("export", help="write a run's adapters in PEFT's format, or merged into HF weights")
     ex.add_argument("run", help="a run directory with a checkpoint")
     ex.add_argument("--format", required=True, choices=["peft", "merged"], dest="fmt")
     ex.add_argument("--out", required=True, help="a new directory (docs/models.md: dodo export)")
+
+    from dodo.generate_run import add_parser as generate_parser  # torch-free; the command imports late
+    generate_parser(sub)
 
     up = sub.add_parser("upcycle", help="start a new MoE run from a trained dense-adapter run (sparse upcycling)")
     up.add_argument("run", help="the dense run directory (its latest checkpoint is used)")
@@ -85,9 +109,10 @@ def _data_parser(sub) -> None:
     dc = dsub.add_parser("cache", help="cache an image-caption source as shards + manifest (resumable)")
     dc.add_argument("src", help="tars (file, folder or glob) | COCO captions JSON | Karpathy split JSON | "
                                 "CC3M TSV | class-folder tree or captions/labels CSV/TSV/JSONL | CIFAR "
-                                "folder | text file/folder | synthetic split (train/eval)")
+                                "folder | text file/folder | parallel-text JSONL (src/tgt) | synthetic split (train/eval)")
     dc.add_argument("--from", dest="source", required=True,
-                    choices=["webdataset", "coco", "karpathy", "cc3m", "folder", "cifar", "text", "synthetic"])
+                    choices=["webdataset", "coco", "karpathy", "cc3m", "folder", "cifar", "text", "parallel",
+                             "synthetic"])
     dc.add_argument("--out", required=True, help="cache folder to write (or finish)")
     dc.add_argument("--store", choices=["hdf5", "zarr"], default="hdf5")
     dc.add_argument("--encode", choices=["jpeg", "raw"], default="jpeg",
@@ -155,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"submit": cmd_submit, "run": cmd_run, "status": cmd_status, "logs": cmd_logs,
                 "cancel": cmd_cancel, "data": cmd_data, "eval": cmd_eval, "export": cmd_export,
-                "sweep": cmd_sweep, "table": cmd_table, "upcycle": cmd_upcycle}[args.command](args)
+                "sweep": cmd_sweep, "table": cmd_table, "upcycle": cmd_upcycle,
+                "generate": cmd_generate, "chain": cmd_chain}[args.command](args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `dodo submit --dry-run | head`: the reader left; not an error
@@ -309,7 +335,7 @@ def _check_suites(cfg) -> None:
     from dodo.models.registry import family
 
     spec = family(cfg.model.family)
-    check_suites(cfg, spec.default_suites, spec.eval_hooks)
+    check_suites(cfg, spec.suites_of(cfg), spec.eval_hooks)
 
 
 def _remove_empty(*folders: Path) -> None:
@@ -421,7 +447,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from dodo.eval.run import eval_run
 
-    return eval_run(args.run, args.task)
+    tasks = [t for t, on in (("wise", args.wise), ("weightwatcher", args.weightwatcher)) if on]
+    return eval_run(args.run, ([args.task] if args.task else []) + tasks or ["all"])
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dodo.generate_run import cmd_generate as run_generate
+
+    return run_generate(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -431,14 +464,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_stage(cfg, where: str, made_here: str = "") -> None:
+    """The submit-time checks of one sweep point or chain stage (paths, caches, suites). Paths
+    under ``made_here`` (a chain's folder: earlier stages' run directories) count as present."""
+    from dodo.config.preflight import missing_paths
+
+    try:
+        missing = [m for m in missing_paths(cfg) if not made_here or made_here not in m]
+        if missing:
+            raise ConfigError(missing[0])
+        _check_caches(cfg)
+        _check_suites(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from dodo.cluster import sweep as sweeps
     from dodo.cluster.backend import BackendError, detect_backend, get_backend
-    from dodo.config.loader import load_job
 
     profile = args.cluster if args.cluster not in (None, "auto") else None
-    points = sweeps.expand(sweeps.parse_grid(args.grid))
-    first = load_job(args.job, [*args.overrides, *points[0].overrides], cluster_profile=profile)
+    _, _, points = sweeps.plan(args.grid, args.point, args.points)
+    configs = sweeps.build_configs(args.job, args.overrides, points, profile)  # all, before anything is written
+    first = configs[0]
     name = detect_backend() if first.cluster.backend == "auto" else first.cluster.backend
     try:
         backend = get_backend(name)
@@ -451,7 +499,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         backend.preflight(first)
     except BackendError as err:
         raise ConfigError(str(err)) from None
-    sweep, configs = sweeps.create(args.job, args.overrides, args.grid, profile)
+    for point, cfg in zip(points, configs):
+        _check_stage(cfg, f"sweep point {point.label}")
+    sweep, configs = sweeps.create(args.job, args.overrides, args.grid, profile, args.point, args.points, configs)
     runs = sweep.runs()
     if backend.name == "local":  # no scheduler: the points one after another, in the foreground
         sweeps.record_submission(sweep, "local", "-")
@@ -473,9 +523,54 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from dodo.cluster.sweep import Sweep, write_table
+    from dodo.cluster.chain import Chain
+    from dodo.cluster.sweep import Sweep
+    from dodo.cluster.table import write_table
+    from dodo.status import effective_state
 
-    sweep = Sweep.open(args.sweep)
-    print(write_table(sweep), end="")
-    print(f"(also written to {sweep.path}/table.md and table.csv)")
+    folder = Chain.open(args.sweep) if (Path(args.sweep) / "chain.json").is_file() else Sweep.open(args.sweep)
+    options = {} if args.layout == "points" else {"metric": args.metric, "metrics": args.metrics,
+                                                 "dataset": args.dataset}
+    print(write_table(folder, args.layout, effective_state, **options), end="")
+    stem = "table" if args.layout == "points" else f"table_{args.layout}"
+    print(f"(also written to {folder.path}/{stem}.md and {stem}.csv)")
+    return 0
+
+
+def cmd_chain(args: argparse.Namespace) -> int:
+    from dodo.cluster import chain as chains
+    from dodo.cluster.backend import BackendError, detect_backend, get_backend
+
+    profile = args.cluster if args.cluster not in (None, "auto") else None
+    first = chains.first_config(args.chain, args.overrides, profile)
+    try:
+        backend = get_backend(detect_backend() if first.cluster.backend == "auto" else first.cluster.backend)
+        if not args.dry_run:
+            backend.preflight(first)  # e.g. sbatch missing: refuse before anything is written
+    except BackendError as err:
+        raise ConfigError(str(err)) from None
+    if args.dry_run:
+        folder = Path(first.runs_dir).resolve() / "<name>" / "chain_<id>"
+        _, _, insts, _ = chains.build(args.chain, args.overrides, profile, folder, "xxxx", _check_stage)
+        print("\n".join(f"  stage {i.dir} (job {i.job_name})" + (f", after {', '.join(i.deps)}" if i.deps else "")
+                        for i in insts))
+        print(f"# {len(insts)} stage runs checked ({backend.name} backend)\n# dry run: nothing was submitted "
+              "or written")
+        return 0
+    chain, configs = chains.create(args.chain, args.overrides, profile, _check_stage)
+    if backend.name == "local":
+        code, problems = chains.run_local(chain, configs, backend)
+        for line in problems:
+            print(f"dodo: chain {chain.name}: {line}", file=sys.stderr)
+        print(f"dodo: chain {chain.path}: {len(chain.instances) - len(problems)} of {len(chain.instances)} "
+              f"stage runs completed\n  collate it with: dodo table {chain.path} --layout methods")
+        return code
+    try:
+        ids = chains.submit_batch(chain, configs, backend)
+    except BackendError as err:
+        chains.remove(chain)
+        _remove_empty(chain.path.parent, chain.path.parent.parent)
+        raise ConfigError(str(err)) from None
+    print(f"dodo: submitted chain {chain.name} as {backend.name} jobs {', '.join(ids)} (each stage waits "
+          f"for its inputs)\n  chain {chain.path}\n  watch it with: dodo status {chain.path}")
     return 0

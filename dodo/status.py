@@ -63,15 +63,20 @@ def status_row(run: RunDir) -> list[str]:
 
 
 def print_status(run_path: str | None, runs_dir: str) -> int:
+    from dodo.cluster.chain import Chain
     from dodo.cluster.sweep import Sweep
 
+    chains: list[Chain] = []
     if run_path and (Path(run_path) / "sweep.json").is_file():
         runs, sweeps = [], [Sweep.open(run_path)]
+    elif run_path and (Path(run_path) / "chain.json").is_file():
+        runs, sweeps, chains = [], [], [Chain.open(run_path)]
     elif run_path:
         runs, sweeps = [RunDir.open(run_path)], []
     else:
         runs, sweeps = find_runs(Path(runs_dir)), [Sweep.open(p) for p in find_sweeps(Path(runs_dir))]
-    if not runs and not sweeps:
+        chains = [Chain.open(p.parent) for p in sorted(Path(runs_dir).glob("*/*/chain.json"))]
+    if not runs and not sweeps and not chains:
         print(f"no runs under {runs_dir}/ (submit one with `dodo submit jobs/demo.yaml`)")
         return 0
     header = ["run", "backend", "job id", "state", "step", "last loss", "requeues", "elapsed"]
@@ -81,6 +86,13 @@ def print_status(run_path: str | None, runs_dir: str) -> int:
         for point, run in zip(sweep.points, sweep.runs()):
             row = status_row(run)
             rows.append([f"  {point.label}"] + row[1:])
+    for chain in chains:  # a title line, one row per stage run, and why a stage did not run
+        rows.append(chain.title())
+        for inst in chain.instances:
+            rows.append([f"  {inst.dir}"] + status_row(chain.run(inst))[1:])
+            note = chain.note(inst, effective_state)
+            if note:
+                rows.append(f"    {note}")
     table = [r for r in rows if isinstance(r, list)]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in rows:

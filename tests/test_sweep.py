@@ -53,10 +53,10 @@ def test_sweep_folder_status_and_table(tmp_path: Path):
         write_json_atomic(run.summary_file, {"final": {"eval.loss": 1.0 + i, "eval.caption_accuracy": 0.5},
                                              "final_train_loss": 2.0 + i})
     header, rows = sweeps.table(sweep)
-    assert header == ["point", "train.lr", "train.seed", "state", "step", "final train loss",
+    assert header == ["point", "train.lr", "train.seed", "state", "step", "trainable params", "final train loss",
                       "eval.caption_accuracy", "eval.loss"]
-    assert rows[2] == ["p2", "3e-3", "0", "completed", "5", "4", "0.5", "3"]
-    assert rows[3][3:6] == ["never started", "0", "-"]  # created, never submitted
+    assert rows[2] == ["p2", "3e-3", "0", "completed", "5", "-", "4", "0.5", "3"]
+    assert rows[3][3:7] == ["never started", "0", "-", "-"]  # created, never submitted
     out = dodo("table", str(sweep.path), cwd=tmp_path).stdout
     assert out.count("\n| p") == 4 and (sweep.path / "table.csv").read_text().count("\n") == 5
     status = dodo("status", f"--runs-dir={tmp_path}/runs", cwd=tmp_path).stdout

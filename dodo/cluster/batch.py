@@ -172,8 +172,10 @@ class BatchBackend(Backend):
         (record,) = self.submit_array([run], cfg, run.job)
         return record, 0
 
-    def submit_array(self, runs: list[RunDir], cfg: JobConfig, job_dir: Path) -> list[JobRecord]:
-        """One submission for all runs (an array when there are several); one record per run."""
+    def submit_array(self, runs: list[RunDir], cfg: JobConfig, job_dir: Path,
+                     extra: list[str] = ()) -> list[JobRecord]:
+        """One submission for all runs (an array when there are several); one record per run.
+        ``extra``: more submit options, e.g. a chain stage's dependency (dodo/cluster/chain.py)."""
         self.require(self.submit_tool)
         script = self.write_scripts(runs, cfg, Path(job_dir))
         command, stdin = self.submit_command(script)
@@ -183,6 +185,7 @@ class BatchBackend(Backend):
         if hosts:  # on the command line: it overrides the script's own directives
             command = command[:1] + self.exclude_options(hosts) + command[1:]
             print(f"dodo: excluding hosts blamed for a hang or crash of this run: {', '.join(hosts)}", flush=True)
+        command = command[:1] + list(extra) + command[1:]
         proc = run_tool(command, stdin_path=stdin)
         job_id = self.job_id_from(proc) if proc.returncode == 0 else None
         if job_id is None:

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from dodo.config.metric_keys import dataset_tags
 from dodo.config.schema import JobConfig
 from dodo.rundir import RunDir, write_json_atomic
 from dodo.train.metrics import format_duration, read_metrics
@@ -50,6 +51,8 @@ def write_summary(run: RunDir, cfg: JobConfig, initial: dict[str, float], final:
         "initial": initial,
         "final": final,
         "final_train_loss": train_losses[-1] if train_losses else None,
+        # each suite dataset tagged id / ood, for `dodo table --layout idood` (dodo/config/metric_keys.py)
+        "eval_datasets": dataset_tags(getattr(cfg.eval, "suites", None) or []),
         "train_seconds_this_allocation": train_seconds,
         "wall_seconds": time.time() - created if created else train_seconds,
         "loss_plot": str(plot_losses(run)),
