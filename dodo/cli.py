@@ -1,4 +1,4 @@
-"""dodo's command line: submit | run | status | logs | cancel | sweep | table | data | eval | export | generate | upcycle.
+"""dodo's command line: submit | run | status | logs | cancel | sweep | table | data | eval | upcycle.
 
 Expected failures (bad job, bad run directory, refused submission) print one `dodo: error:`
 line and exit 2 (1 for a run that failed); only real bugs show a traceback.
@@ -78,18 +78,12 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a trained run (retrieval, zero-shot, kNN, WiSE curve)")
     ev.add_argument("run", help="a run directory with a checkpoint")
-    ev.add_argument("--task", default=None, choices=["retrieval", "zeroshot", "knn", "wise", "weightwatcher", "all"],
-                    help="default: all (retrieval, zeroshot, knn, wise)")
-    ev.add_argument("--wise", action="store_true", help="the WiSE-FT curve against the stored pretrained weights")
-    ev.add_argument("--weightwatcher", action="store_true", help="WeightWatcher's per-layer alpha (mean + layers)")
+    ev.add_argument("--task", default="all", choices=["retrieval", "zeroshot", "knn", "wise", "all"])
 
     ex = sub.add_parser("export", help="write a run's adapters in PEFT's format, or merged into HF weights")
     ex.add_argument("run", help="a run directory with a checkpoint")
     ex.add_argument("--format", required=True, choices=["peft", "merged"], dest="fmt")
     ex.add_argument("--out", required=True, help="a new directory (docs/models.md: dodo export)")
-
-    from dodo.generate_run import add_parser as generate_parser  # torch-free; the command imports late
-    generate_parser(sub)
 
     up = sub.add_parser("upcycle", help="start a new MoE run from a trained dense-adapter run (sparse upcycling)")
     up.add_argument("run", help="the dense run directory (its latest checkpoint is used)")
@@ -109,10 +103,9 @@ def _data_parser(sub) -> None:
     dc = dsub.add_parser("cache", help="cache an image-caption source as shards + manifest (resumable)")
     dc.add_argument("src", help="tars (file, folder or glob) | COCO captions JSON | Karpathy split JSON | "
                                 "CC3M TSV | class-folder tree or captions/labels CSV/TSV/JSONL | CIFAR "
-                                "folder | text file/folder | parallel-text JSONL (src/tgt) | synthetic split (train/eval)")
+                                "folder | text file/folder | synthetic split (train/eval)")
     dc.add_argument("--from", dest="source", required=True,
-                    choices=["webdataset", "coco", "karpathy", "cc3m", "folder", "cifar", "text", "parallel",
-                             "synthetic"])
+                    choices=["webdataset", "coco", "karpathy", "cc3m", "folder", "cifar", "text", "synthetic"])
     dc.add_argument("--out", required=True, help="cache folder to write (or finish)")
     dc.add_argument("--store", choices=["hdf5", "zarr"], default="hdf5")
     dc.add_argument("--encode", choices=["jpeg", "raw"], default="jpeg",
@@ -180,8 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"submit": cmd_submit, "run": cmd_run, "status": cmd_status, "logs": cmd_logs,
                 "cancel": cmd_cancel, "data": cmd_data, "eval": cmd_eval, "export": cmd_export,
-                "sweep": cmd_sweep, "table": cmd_table, "upcycle": cmd_upcycle,
-                "generate": cmd_generate, "chain": cmd_chain}[args.command](args)
+                "sweep": cmd_sweep, "table": cmd_table, "upcycle": cmd_upcycle, "chain": cmd_chain}[args.command](args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `dodo submit --dry-run | head`: the reader left; not an error
@@ -335,7 +327,7 @@ def _check_suites(cfg) -> None:
     from dodo.models.registry import family
 
     spec = family(cfg.model.family)
-    check_suites(cfg, spec.suites_of(cfg), spec.eval_hooks)
+    check_suites(cfg, spec.default_suites, spec.eval_hooks)
 
 
 def _remove_empty(*folders: Path) -> None:
@@ -447,14 +439,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from dodo.eval.run import eval_run
 
-    tasks = [t for t, on in (("wise", args.wise), ("weightwatcher", args.weightwatcher)) if on]
-    return eval_run(args.run, ([args.task] if args.task else []) + tasks or ["all"])
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from dodo.generate_run import cmd_generate as run_generate
-
-    return run_generate(args)
+    return eval_run(args.run, args.task)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
