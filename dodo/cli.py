@@ -1,4 +1,4 @@
-"""dodo's command line: submit | run | status | logs | cancel | sweep | table | data | eval | upcycle.
+"""dodo's command line: submit | run | status | logs | cancel | sweep | table | data | eval | export | generate | upcycle.
 
 Expected failures (bad job, bad run directory, refused submission) print one `dodo: error:`
 line and exit 2 (1 for a run that failed); only real bugs show a traceback.
@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="a run directory with a checkpoint")
     ex.add_argument("--format", required=True, choices=["peft", "merged"], dest="fmt")
     ex.add_argument("--out", required=True, help="a new directory (docs/models.md: dodo export)")
+
+    from dodo.generate_run import add_parser as generate_parser  # torch-free; the command imports late
+    generate_parser(sub)
 
     up = sub.add_parser("upcycle", help="start a new MoE run from a trained dense-adapter run (sparse upcycling)")
     up.add_argument("run", help="the dense run directory (its latest checkpoint is used)")
@@ -173,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"submit": cmd_submit, "run": cmd_run, "status": cmd_status, "logs": cmd_logs,
                 "cancel": cmd_cancel, "data": cmd_data, "eval": cmd_eval, "export": cmd_export,
-                "sweep": cmd_sweep, "table": cmd_table, "upcycle": cmd_upcycle, "chain": cmd_chain}[args.command](args)
+                "sweep": cmd_sweep, "table": cmd_table, "upcycle": cmd_upcycle,
+                "generate": cmd_generate, "chain": cmd_chain}[args.command](args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `dodo submit --dry-run | head`: the reader left; not an error
@@ -440,6 +444,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dodo.eval.run import eval_run
 
     return eval_run(args.run, args.task)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dodo.generate_run import cmd_generate as run_generate
+
+    return run_generate(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

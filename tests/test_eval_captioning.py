@@ -73,9 +73,14 @@ class TinyPrefixLM(nn.Module):
                                              bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
         self.eval()
 
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.prefix(self.image_encoder(images))  # (B, P, d)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(input_ids)  # (B, T, d)
+
     def embed(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        prefix = self.prefix(self.image_encoder(images))  # (B, P, d)
-        return torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
+        return torch.cat([self.embed_image(images), self.embed_tokens(input_ids)], dim=1)
 
 
 @pytest.fixture(scope="module")

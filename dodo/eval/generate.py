@@ -6,8 +6,8 @@ Written against the model's public attributes only (duck typing; the module is n
 imported): ``model.embed(images, input_ids) -> (B, P + T, d)`` (image prefix + text
 embeddings, which also sets FiLM's condition and the MoE routers' token ids),
 ``model.lm`` (a Hugging Face causal LM taking ``inputs_embeds`` and a KV cache),
-``model.image_encoder`` + ``model.prefix`` (interleaved prompts), ``model.moe`` (None or
-its ``set_tokens``) and ``model.eos_token_id``.
+``model.embed_image(images) -> (B, P, d)`` and ``model.embed_tokens(ids) -> (B, T, d)``
+(interleaved prompts), ``model.moe`` (None or its ``set_tokens``) and ``model.eos_token_id``.
 
 Why our own loop and not ``lm.generate``: the prompt starts with image embeddings, the
 MoE hash / modality routers must see the token ids of each new step, and beam search
@@ -173,34 +173,34 @@ def _beam(model: Any, embeds: torch.Tensor, cfg: Decoding, prompt_ids: torch.Ten
     return _finish(tokens[best], eos)
 
 
-def embed_interleaved(model: Any, parts: Sequence[Any], tokenizer: Any) -> torch.Tensor:
+def embed_interleaved(model: Any, parts: Sequence[Any], tokenizer: Any, return_ids: bool = False) -> Any:
     """A few-shot prompt (image, text, image, text, image) -> (1, L, d) embeddings: each image
-    as its projected patch prefix, each text as its token embeddings, in order (MAGMA's
-    interleaved input). ``parts``: (3, H, W) float image tensors (normalised as in training) and
-    strings. FiLM (when used) is conditioned on the LAST image; MoE routers see -1 for
-    image positions and the token ids elsewhere."""
+    as its image prefix (``model.embed_image``), each text as its token embeddings
+    (``model.embed_tokens``), in order (MAGMA's interleaved input). ``parts``: (3, H, W) float
+    image tensors (normalised as in training) and strings. FiLM (when used) is conditioned on
+    the LAST image (embed_image sets it, the last call wins); MoE routers see -1 for image
+    positions and the token ids elsewhere. ``return_ids``: also the (1, L) ids (-1 at image
+    positions), decode's ``prompt_ids`` for the MoE routers when decoding without cache."""
     device = next(model.parameters()).device
     pieces, ids = [], []
-    last_features = None
+    dtype = None  # the image prefix's dtype (the LM's compute dtype); text embeddings follow it
     for part in parts:
         if isinstance(part, str):
             tok = torch.tensor(tokenizer(part, add_special_tokens=False)["input_ids"], dtype=torch.long, device=device)
-            pieces.append(model.lm.get_input_embeddings()(tok[None]))
+            pieces.append(model.embed_tokens(tok[None]))  # (1, T, d)
             ids.append(tok)
         else:
-            feats = model.image_encoder(part[None].to(device))  # (1, P, enc)
-            last_features = feats
-            pieces.append(model.prefix(feats))  # (1, P, d)
-            ids.append(torch.full((feats.shape[1],), -1, dtype=torch.long, device=device))
-    if last_features is None:
+            prefix = model.embed_image(part[None].to(device))  # (1, P, d)
+            pieces.append(prefix)
+            ids.append(torch.full((prefix.shape[1],), -1, dtype=torch.long, device=device))
+            dtype = dtype or prefix.dtype
+    if dtype is None:
         raise ValueError("an interleaved prompt needs at least one image")
-    film = getattr(model, "film_condition", None)
-    if film is not None and film.tasks is None:
-        film.set(last_features.mean(1))
+    all_ids = torch.cat(ids)[None]  # (1, L)
     if getattr(model, "moe", None) is not None:
-        model.moe.set_tokens(torch.cat(ids)[None], 0)
-    dtype = pieces[0].dtype
-    return torch.cat([p.to(dtype) for p in pieces], dim=1)
+        model.moe.set_tokens(all_ids, 0)
+    embeds = torch.cat([p.to(dtype) for p in pieces], dim=1)  # (1, L, d)
+    return (embeds, all_ids) if return_ids else embeds
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""MAGMA's keys of ``model:``: the frozen LM, the image encoder and the prefix projection."""
+"""MAGMA's keys of ``model:``: the frozen LM, the image encoder and the prefix projection
+(``model.image_prefix``: MAGMA's Linear + LayerNorm, or LiMBeR's single linear map)."""
 
 from __future__ import annotations
 
@@ -68,13 +69,33 @@ class ImageEncoderConfig:
 
 
 @dataclass
+class ImagePrefixConfig:
+    """How image features become the LM's input embeddings (the trainable map between them).
+
+    magma   per image token: Linear -> Dropout(prefix_dropout) -> LayerNorm (MAGMA's projection)
+    linear  one nn.Linear and nothing else (LiMBeR, Merullo et al. 2023): with ``tokens: 0`` each
+            image token is mapped to one soft prompt; with ``tokens: k`` the mean image feature
+            (B, enc) is mapped to k soft prompts (B, k, d_model) by a Linear enc -> k * d_model.
+    """
+
+    kind: Literal["magma", "linear"] = "magma"
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.tokens >= 0, "tokens", f"must be >= 0 (0 = one prompt per image token), got {self.tokens}")
+        check(self.tokens == 0 or self.kind == "linear", "tokens",
+              "k pooled soft prompts are the linear (LiMBeR) map's option; set kind: linear or tokens: 0")
+
+
+@dataclass
 class MagmaModelConfig(ModelConfig):
     """A MAGMA-style prefix LM: image encoder -> prefix projection -> frozen LM with adapters."""
 
     family: str = "magma"
     lm: LMConfig = field(default_factory=LMConfig)
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
-    prefix_dropout: float = 0.1
+    image_prefix: ImagePrefixConfig = field(default_factory=ImagePrefixConfig)
+    prefix_dropout: float = 0.1  # image_prefix.kind magma only
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -116,6 +116,29 @@ class ImageEncoder(nn.Module):
         return self.net(pixel_values=images).last_hidden_state[:, 1:]
 
 
+class PooledLinearPrefix(nn.Module):
+    """LiMBeR's map to k soft prompts: the mean image feature (B, enc) -> Linear enc -> k * d
+    -> (B, k, d). Its only parameters are the Linear's weight (k*d, enc) and bias (k*d,)."""
+
+    def __init__(self, enc: int, d_model: int, tokens: int):
+        super().__init__()
+        self.tokens, self.d_model = tokens, d_model
+        self.proj = nn.Linear(enc, tokens * d_model)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, N, enc) -> (B, k, d)
+        return self.proj(features.mean(1)).view(features.shape[0], self.tokens, self.d_model)
+
+
+def build_prefix(cfg: MagmaModelConfig, enc: int, d_model: int) -> nn.Module:
+    """model.image_prefix: (B, N, enc) image features -> (B, P, d_model) LM input embeddings."""
+    p = cfg.image_prefix
+    if p.kind == "magma":  # MAGMA's projection (state keys prefix.0 / prefix.2)
+        return nn.Sequential(nn.Linear(enc, d_model), nn.Dropout(cfg.prefix_dropout), nn.LayerNorm(d_model))
+    if p.tokens:
+        return PooledLinearPrefix(enc, d_model, p.tokens)
+    return nn.Sequential(nn.Linear(enc, d_model))  # LiMBeR per image token: one Linear, nothing else
+
+
 def build(cfg: MagmaModelConfig, vocab_size: int, eos_token_id: int, mask_token_id: int | None = None,
           init: InitState | None = None) -> "MagmaModel":
     """The family's model builder (FamilySpec.model); a causal LM masks nothing."""
@@ -132,8 +155,7 @@ class MagmaModel(nn.Module):
         self.image_encoder = ImageEncoder(cfg.image_encoder)
         self.lm = build_lm(cfg.lm, vocab_size, eos_token_id)
         d_model = self.lm.get_input_embeddings().embedding_dim
-        self.prefix = nn.Sequential(nn.Linear(self.image_encoder.hidden, d_model),
-                                    nn.Dropout(cfg.prefix_dropout), nn.LayerNorm(d_model))
+        self.prefix = build_prefix(cfg, self.image_encoder.hidden, d_model)
         # Freeze the base explicitly (MAGMA's own freeze path never did: a known bug), then add
         # adapters, which are created trainable.
         freeze(self.lm)
@@ -154,17 +176,27 @@ class MagmaModel(nn.Module):
             if dense_state is not None:
                 upcycle(self, dense_state, cfg.moe.upcycle_noise, seed=cfg.init_seed)
 
-    def embed(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        features = self.image_encoder(images)  # (B, P, enc)
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W), normalised as in training -> the image prefix (B, P, d).
+        Also conditions FiLM on these images (their mean patch feature, or task 0): in an
+        interleaved prompt the last image embedded conditions the generation."""
+        features = self.image_encoder(images)  # (B, N, enc)
         if self.film_condition is not None:
             if self.film_condition.tasks is None:
                 self.film_condition.set(features.mean(1))  # (B, enc)
             else:
                 self.film_condition.set_task(torch.zeros(len(images), dtype=torch.long, device=images.device))
-        prefix = self.prefix(features)  # (B, P, d)
+        return self.prefix(features)  # (B, P, d)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the frozen LM's input embeddings (B, T, d)."""
+        return self.lm.get_input_embeddings()(input_ids)
+
+    def embed(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        prefix = self.embed_image(images)  # (B, P, d)
         if self.moe is not None:  # hash / modality routers read the token ids
             self.moe.set_tokens(input_ids, prefix.shape[1])
-        text = self.lm.get_input_embeddings()(input_ids)  # (B, T, d)
+        text = self.embed_tokens(input_ids)  # (B, T, d)
         return torch.cat([prefix, text.to(prefix.dtype)], dim=1)  # (B, P + T, d)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,

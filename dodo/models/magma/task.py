@@ -5,7 +5,8 @@ exposes ``generate(model, images, prompt=None, **decoding) -> list[str]`` (dodo/
 greedy, beam, sampling, KV cache) and the prefix embedding + LM through the model
 (``model.embed``, ``model.lm``, ``model.prefix``), as docs/architecture.md says.
 The caption check of the final report is the synthetic shapes suite's (dodo/tasks/shapes.py);
-on other data the report lists the captions without scoring them.
+on other data the periodic evaluation scores BLEU-4 / CIDEr-D against all references
+(eval.bleu4 / eval.cider) and the report lists a few captions beside a reference.
 """
 
 from __future__ import annotations
@@ -56,20 +57,61 @@ class CaptioningTask(Task):
     # ---------------------------------------------------------------- Task API
 
     def evaluate(self, model: nn.Module, batch_size: int, rank: int, world_size: int) -> dict[str, float]:
-        return {"eval.loss": caption_loss(model, self.eval_set, self.collate, batch_size, rank, world_size)}
+        """Held-out loss; on real captions also BLEU-4 / CIDEr-D of greedy captions of the first
+        ``train.caption_samples`` held-out images against all their references (eval.bleu4,
+        eval.cider). Every rank decodes the same images (the same number of forwards, which an
+        expert-parallel MoE needs) and so computes the same scores."""
+        out = {"eval.loss": caption_loss(model, self.eval_set, self.collate, batch_size, rank, world_size)}
+        n = self.cfg.train.caption_samples
+        if n and len(self.eval_set) and not self._is_shapes():
+            from dodo.eval.caption_metrics import run_captioning
+
+            was = model.training
+            model.eval()
+            try:
+                scores = run_captioning(lambda imgs: self.generate(model, np.stack(imgs)), self._first_images(n))
+            finally:
+                model.train(was)
+            out.update({f"eval.{k}": v for k, v in scores.items()})
+        return out
+
+    def _is_shapes(self) -> bool:
+        from dodo.tasks import shapes
+
+        return shapes.is_shapes([self.eval_set[0]])
+
+    def _first_images(self, n: int) -> Any:
+        """The held-out samples (every caption) of its first ``n`` distinct images, found from the
+        cache's image ids without decoding any image."""
+        from torch.utils.data import Subset
+
+        ids = getattr(self.eval_set, "image_ids", None)
+        if ids is None:
+            return Subset(self.eval_set, list(range(min(n, len(self.eval_set)))))
+        ids = np.asarray(ids())
+        first = list(dict.fromkeys(ids.tolist()))[:n]
+        return Subset(self.eval_set, np.flatnonzero(np.isin(ids, first)).tolist())
 
     def final_report(self, model: nn.Module) -> tuple[dict[str, float], list[str]]:
         from dodo.tasks import shapes
 
+        n = self.cfg.train.caption_samples
+        samples = [self.eval_set[i] for i in range(min(n, len(self.eval_set)))]
+        real = not shapes.is_shapes(samples)
+        if real:  # one line per image (its captions follow each other), its first reference beside it
+            first, unique = self._first_images(min(n, 8)), {}
+            for i in range(len(first)):
+                unique.setdefault(first[i].image_id, first[i])
+            samples = list(unique.values())
         was = model.training
         model.eval()
-        samples = [self.eval_set[i] for i in range(min(self.cfg.train.caption_samples, len(self.eval_set)))]
         predicted: list[str] = []
         for lo in range(0, len(samples), 32):
             predicted += self.generate(model, np.stack([s.image for s in samples[lo:lo + 32]]))
         model.train(was)
-        if shapes.is_shapes(samples):  # the synthetic captions: score colour and shape
+        if not real:  # the synthetic captions: score colour and shape
             return shapes.caption_report(samples, predicted)
-        lines = [f"greedy captions on {len(samples)} held-out images:"]
-        lines += [f"  {s.key}: {p!r:40} (reference: {s.caption!r})" for s, p in zip(samples[:8], predicted)]
+        lines = [f"greedy captions of {len(samples)} held-out images (eval.bleu4 / eval.cider score "
+                 f"{n} images against all their references):"]
+        lines += [f"  {s.key}: {p!r:40} (a reference: {s.caption!r})" for s, p in zip(samples, predicted)]
         return {}, lines
