@@ -67,6 +67,10 @@ class ModelConfig:
         """Earlier runs whose adapters this run starts from, frozen (none unless the family has the key)."""
         return []
 
+    def init_weights_run(self) -> str:
+        """An earlier stage's run whose weights this run starts from ("": none; VLMo's stages)."""
+        return ""
+
     # ------------------------------------------------------------ loader hook
 
     @classmethod

@@ -32,10 +32,13 @@ class InitState:
     ``dense_state``: ``model.moe.upcycle_from``'s dense trainable state (name -> tensor), copied
     into every expert (sparse upcycling). ``adapters``: ``AdapterSource``s
     (dodo/adapters/transfer.py), injected frozen in this order before the run's own adapters.
+    ``weights``: the model weights an earlier stage ended with (``ModelConfig.init_weights_run``,
+    its chain of stages merged, newest last), name -> tensor, loaded before training starts.
     """
 
     dense_state: Optional[dict[str, Any]] = None
     adapters: list[Any] = field(default_factory=list)
+    weights: Optional[dict[str, Any]] = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ trainer (and `dodo eval`) call ``read_init(cfg)`` and hand the result to ``build
 - ``model.moe.upcycle_from``: a file written by `dodo upcycle`, a dense run directory (its
   newest checkpoint) or a folder of runs (the newest with a checkpoint) -> the dense trainable
   state that every expert starts from (sparse upcycling; dodo.moe.inject.upcycle).
+- ``model.vlmo.init_from`` (``ModelConfig.init_weights_run``): an earlier stage's run -> the
+  weights it ended with, merged over its own earlier stages (``read_stage_weights``).
 - ``model.clip.init_adapters`` (``ModelConfig.init_adapter_runs``): earlier runs -> each run's
   ``model.adapter`` and trainable state, after checking it trained on the same frozen base
   (``ModelConfig.frozen_base``); dodo.adapters.transfer injects and freezes them.
@@ -38,8 +40,10 @@ def read_init(cfg: Any) -> InitState:
     """The tensors ``cfg`` (a JobConfig) names from other runs; an empty InitState if none."""
     model = cfg.model
     dense = load_dense_state(model.moe.upcycle_from) if model.moe.enabled and model.moe.upcycle_from else None
+    stage = model.init_weights_run()
     return InitState(dense_state=dense,
-                     adapters=[read_adapter_source(s, model) for s in model.init_adapter_runs()])
+                     adapters=[read_adapter_source(s, model) for s in model.init_adapter_runs()],
+                     weights=read_stage_weights(stage, model.family) if stage else None)
 
 
 def _trainable_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -75,6 +79,39 @@ def read_adapter_source(source: str, own: Any) -> AdapterSource:
                          + "; ".join(diffs) + ". Use the same model settings as that run")
     return AdapterSource(source=source, checkpoint=str(ckpt.path), adapter=other.adapter,
                          state=_trainable_state(ckpt.path))
+
+
+# ---------------------------------------------------------------- weights of earlier stages
+
+
+def read_stage_weights(source: str, family: str, key: str = "model.vlmo.init_from",
+                       depth: int = 0) -> dict[str, torch.Tensor]:
+    """An earlier stage's run -> the weights it ended with. Checkpoints hold trainable tensors
+    only, so a stage that froze some (VLMo's text stage freezes attention and the image expert)
+    is merged over the stage it started from, recursively: oldest first, newer values win."""
+    from dodo.config.loader import load_job
+
+    if depth > 16:
+        raise ValueError(f"{key}: the chain of stages through {source} is longer than 16 (a cycle?)")
+    if not Path(source).exists():
+        raise FileNotFoundError(f"{key}: {source} does not exist; name the run directory printed by "
+                                "`dodo submit` for the earlier stage (runs/<name>/<id>)")
+    try:
+        run = RunDir.open(source)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{key}: {err}") from None
+    ckpt = checkpoint.latest(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"{key}: {run.path} has no published checkpoint; finish that stage first "
+                                f"(`dodo submit {run.path}` resumes it)")
+    other = load_job(run.config).model
+    if other.family != family:
+        raise ValueError(f"{key}: {source} is a model.family={other.family} run, this one is {family}; "
+                         "start from a run of the same family")
+    earlier = other.init_weights_run()
+    state = read_stage_weights(earlier, family, key, depth + 1) if earlier else {}
+    state.update(_trainable_state(ckpt.path))
+    return state
 
 
 # ---------------------------------------------------------------- sparse upcycling

@@ -1,15 +1,34 @@
-"""VLMo's keys of ``model:``: ``model.vlmo``, the multiway transformer and its losses."""
+"""VLMo's keys of ``model:``: ``model.vlmo``, the multiway transformer, its stage and its losses.
+
+Stages (``model.vlmo.stage``; the paper's stagewise pretraining, each stage starting from the
+previous one's weights through ``model.vlmo.init_from``, read by dodo/train/init_from.py):
+  mim  image-only masked image modelling (BEiT-style block-wise masking, visual-token targets
+       from a fixed random-projection codebook); attention + the image expert train
+  mlm  text-only MLM; attention and the image expert frozen, the text expert trains
+  vl   image-text ITC (+ the VL contrastive head on the top layers) + ITM with hard negatives
+       + MLM; everything trains. Retrieval fine-tuning is this stage on the target data.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dodo.config.preflight import MUST_EXIST
+
 from dodo.config.errors import check
 from dodo.models.config import ModelConfig
 
 
+STAGES = ("mim", "mlm", "vl")
+
+
 @dataclass
 class VlmoConfig:
+    stage: str = "vl"  # mim | mlm | vl (see the module docstring)
+    # An earlier stage's run directory (runs/<name>/<id>): this run starts from its weights
+    # (and, through its own init_from, from the stages before it). "": from model.init_seed.
+    init_from: str = field(default="", metadata=MUST_EXIST)
+    multiway: bool = True  # false: the `standard` transformer, one shared FFN for every modality
     image_size: int = 32
     patch_size: int = 8
     hidden: int = 64
@@ -30,6 +49,21 @@ class VlmoConfig:
     mlm_prob: float = 0.15
     rerank_k: int = 8  # evaluation: re-rank each query's ITC top-k by the ITM score (0: off)
     frozen: bool = False  # freeze the multiway transformer and train adapters (+ heads) only
+    # The VL contrastive head: image-only and text-only inputs also run the top blocks
+    # (vlffn_start..) through the VL expert; a second ITC on those [CLS] tokens (VLMo's code).
+    vl_itc_weight: float = 0.0
+    itc_gather: bool = True  # ITC / hard negatives over the features of every rank (all-gather)
+    # Stage mim (BEiT): block-wise masking of mim_mask_ratio of the patches in blocks of at
+    # least mim_min_block patches; targets: ids in a fixed random codebook of mim_vocab codes.
+    mim_mask_ratio: float = 0.4
+    mim_min_block: int = 16
+    mim_vocab: int = 8192
+    mim_code_dim: int = 32
+    mim_codebook_seed: int = 0
+    # Fine-tuning heads on the fused [T_CLS] (built when set): VQA answer classifier over
+    # vqa_answers answers (BCE on soft scores); NLVR2 (two images, one text, binary).
+    vqa_answers: int = 0
+    nlvr2: bool = False
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "hidden", "layers", "heads", "mlp_ratio", "max_text_len"):
@@ -44,8 +78,24 @@ class VlmoConfig:
         check(self.init_temperature > 0, "init_temperature", f"must be > 0, got {self.init_temperature}")
         for name in ("contrastive_weight", "itm_weight", "mlm_weight"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        check(self.contrastive_weight + self.itm_weight + self.mlm_weight > 0, "contrastive_weight",
-              "all loss weights are 0: set contrastive_weight, itm_weight or mlm_weight")
+        check(self.stage in STAGES, "stage", f"must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.stage == "vl":
+            check(self.contrastive_weight + self.itm_weight + self.mlm_weight > 0, "contrastive_weight",
+                  "all loss weights are 0: set contrastive_weight, itm_weight or mlm_weight")
+        check(self.vl_itc_weight >= 0, "vl_itc_weight", f"must be >= 0, got {self.vl_itc_weight}")
+        if self.vl_itc_weight > 0:
+            check(self.multiway and self.vlffn_start < self.layers, "vl_itc_weight",
+                  "the VL contrastive head runs the top blocks through the VL expert, which this model "
+                  f"lacks (multiway={self.multiway}, vlffn_start={self.vlffn_start}, layers={self.layers}); "
+                  "set vl_itc_weight=0 or multiway=true with vlffn_start < layers")
+        check(0 < self.mim_mask_ratio < 1, "mim_mask_ratio", f"must be in (0, 1), got {self.mim_mask_ratio}")
+        grid = (self.image_size // self.patch_size) ** 2
+        check(self.stage != "mim" or 1 <= self.mim_min_block <= max(1, int(self.mim_mask_ratio * grid)), "mim_min_block",
+              f"must be in [1, mim_mask_ratio * patches = {int(self.mim_mask_ratio * grid)}] "
+              f"({grid} patches of {self.patch_size} px), got {self.mim_min_block}")
+        for name in ("mim_vocab", "mim_code_dim"):
+            check(getattr(self, name) > 1, name, f"must be > 1, got {getattr(self, name)}")
+        check(self.vqa_answers >= 0, "vqa_answers", f"must be >= 0, got {self.vqa_answers}")
         check(0 < self.mlm_prob < 1, "mlm_prob", f"must be in (0, 1), got {self.mlm_prob}")
         check(self.rerank_k >= 0, "rerank_k", f"must be >= 0, got {self.rerank_k}")
 
@@ -65,6 +115,9 @@ class VlmoModelConfig(ModelConfig):
     family: str = "vlmo"
     vlmo: VlmoConfig = field(default_factory=VlmoConfig)
 
+    def init_weights_run(self) -> str:
+        return self.vlmo.init_from
+
 
 def validate_job(job) -> None:  # JobConfig -> None (ConfigValueError with the full key path)
     """The images and captions the data gives must fit the model's positions."""
@@ -75,3 +128,56 @@ def validate_job(job) -> None:  # JobConfig -> None (ConfigValueError with the f
     check(d.max_caption_tokens <= v.max_text_len, "data.max_caption_tokens",
           f"is {d.max_caption_tokens}, more than model.vlmo.max_text_len={v.max_text_len} text positions; "
           "raise model.vlmo.max_text_len or lower data.max_caption_tokens")
+    _check_stage_data(job)
+
+
+# What each stage reads, and the cache modality that lacks it (the stage, the fix).
+_STAGE_LACKS = {"mim": ("text", "images", "an image-only cache (`dodo data cache TREE --from folder`) or an "
+                        "image-text one"),
+                "mlm": ("image", "captions", "a text-only cache (`dodo data cache FILE --from text`) or an "
+                        "image-text one"),
+                "vl": ("", "image-text pairs", "an image-text cache (e.g. `dodo data cache --from karpathy`)")}
+
+
+def _check_stage_data(job) -> None:
+    """A stage refuses a cache without its modality (mim: images, mlm: texts, vl: both); reads
+    manifest.json only (torch-free); a cache not built yet is left to `dodo submit`'s checks."""
+    from pathlib import Path
+
+    from dodo.data.manifest import CacheError, describe
+
+    d, stage = job.data, job.model.vlmo.stage
+    if d.kind == "synthetic":
+        return
+    lacking, needs, fix = _STAGE_LACKS[stage]
+    for key in ("train_cache", "eval_cache"):
+        path = getattr(d, key)
+        if not path or not (Path(path).expanduser() / "manifest.json").exists():
+            continue
+        try:
+            modality = describe(path).modality
+        except CacheError:
+            continue
+        bad = modality != "image_text" if stage == "vl" else modality == lacking
+        check(not bad, f"data.{key}",
+              f"{path} is a {modality}-only cache, but model.vlmo.stage={stage} "
+              f"reads {needs}; point data.{key} at {fix}")
+
+
+def default_suites(job) -> tuple[str, ...]:
+    """Suites measured by default on real data: retrieval for the vl stage; none for the mim /
+    mlm stages (held-out eval.mim_accuracy / eval.mlm_accuracy; they may read a unimodal cache)."""
+    return ("retrieval",) if job.model.vlmo.stage == "vl" else ()
+
+
+def backbone_parameters(v: VlmoConfig, vocab_size: int) -> int:
+    """Parameters of the transformer and its embeddings, without the task heads (torch-free,
+    for planning and the paper's counts: VLMo-Base 175M, -Large 562M with BERT's 30,522 words).
+    ``multiway: false`` holds one FFN per block instead of two (three in the fusion blocks)."""
+    d, f = v.hidden, v.mlp_ratio * v.hidden
+    patches = (v.image_size // v.patch_size) ** 2
+    embed = (3 * v.patch_size ** 2 * d + d) + d + (1 + patches) * d + vocab_size * d + d + (1 + v.max_text_len) * d + 2 * d
+    expert = 2 * d + (d * f + f) + (f * d + d)  # LayerNorm + fc1 + fc2
+    block = 2 * d + 4 * (d * d + d) + 2 * d  # norm1, attention, LayerScale gammas
+    experts = sum((3 if i >= v.vlffn_start else 2) if v.multiway else 1 for i in range(v.layers))
+    return embed + v.layers * block + experts * expert + 2 * d  # + the final LayerNorm

@@ -1,5 +1,12 @@
-"""VLMo's task (tasks layer, found through ``dodo.models.vlmo.FAMILY.task``): retrieval: the contrastive task (ITC retrieval, zero-shot, kNN, ID and OOD) plus
-retrieval re-ranked by the fusion encoder.
+"""VLMo's tasks (tasks layer, found through ``dodo.models.vlmo.FAMILY.task``).
+
+Stage vl (``VlmoRetrievalTask``): the contrastive task (ITC retrieval, zero-shot, kNN, ID and
+OOD) plus retrieval re-ranked by the fusion encoder.
+Stages mim / mlm (``VlmoStageTask``): image-only / text-only pretraining; batches carry only
+the stage's modality (``StageCollator``), so mim trains from an image-only cache (class
+folders, CIFAR) and mlm from a text-only cache (``dodo data cache --from text``) as well as
+from image-text data. Held-out metric: ``eval.mim_accuracy`` (visual-token top-1 on the masked
+patches) or ``eval.mlm_accuracy``, on masks drawn from a fixed seed.
 
 Re-ranking (``model.vlmo.rerank_k`` = k > 0): for each query the k best candidates by the
 dual encoder's cosine similarity are re-ordered by the ITM log-odds of the fused pair and stay
@@ -14,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dodo.config.schema import JobConfig
+from dodo.data.collate import CaptionCollator
 from dodo.eval.retrieval import positives_from_captions, recall_at_k
 from dodo.models.registry import InitState
 from dodo.tasks import Task
@@ -22,8 +30,79 @@ from dodo.tasks.contrastive import ContrastiveTask
 _ABOVE = 1.0e4  # lifts the re-ranked top k above every cosine similarity (|cos| <= 1)
 
 
+EVAL_SEED, EVAL_BATCH = 1234, 128
+
+
 def build_task(cfg: JobConfig, init: InitState | None = None) -> Task:
+    if cfg.model.vlmo.stage in ("mim", "mlm"):
+        return VlmoStageTask(cfg, init)
     return VlmoRetrievalTask(cfg, init)
+
+
+class StageCollator:
+    """Samples -> the one modality a pretraining stage reads: {"images"} (mim: float32,
+    normalised) or {"input_ids", "attention_mask"} (mlm). A text cache's samples have no image,
+    an image-only cache's an empty caption: neither reaches the other stage's model input."""
+
+    def __init__(self, base: CaptionCollator, stage: str):
+        self.base, self.stage = base, stage
+        self.image_mean, self.image_std = base.image_mean, base.image_std  # DeviceBatch reads these
+
+    def __call__(self, samples: list) -> dict:
+        if self.stage == "mim":
+            missing = [s.key for s in samples if s.image is None]
+            if missing:
+                raise ValueError(f"model.vlmo.stage=mim needs images, but sample {missing[0]} has none (a text "
+                                 "cache?); point data.train_cache at an image or image-text cache")
+            return {"images": self.base.images(samples), "keys": [s.key for s in samples]}
+        ids, mask = self.base.caption_ids(samples)
+        return {"input_ids": ids, "attention_mask": mask, "captions": [s.caption for s in samples]}
+
+
+class VlmoStageTask(ContrastiveTask):
+    """Stage mim or mlm; the model's forward returns the stage's loss."""
+
+    def __init__(self, cfg: JobConfig, init: InitState | None = None):
+        super().__init__(cfg, init)
+        self.collate = StageCollator(self.collate, cfg.model.vlmo.stage)
+
+    @torch.no_grad()
+    def stage_metrics(self, model: nn.Module) -> dict[str, float]:
+        stage = self.cfg.model.vlmo.stage
+        device = next(model.parameters()).device
+        total_loss, total_acc, n = 0.0, 0.0, 0
+        g = torch.Generator().manual_seed(EVAL_SEED)
+        with torch.random.fork_rng(devices=[]):  # MLM's masks come from the global RNG
+            torch.manual_seed(EVAL_SEED)
+            for lo in range(0, len(self.eval_set), EVAL_BATCH):
+                batch = self.collate([self.eval_set[i] for i in range(lo, min(len(self.eval_set), lo + EVAL_BATCH))])
+                if stage == "mim":
+                    loss, acc = model.mim(batch["images"].to(device), generator=g)
+                else:
+                    loss, acc = model.mlm_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                rows = len(batch["keys"] if stage == "mim" else batch["captions"])
+                total_loss, total_acc, n = total_loss + float(loss) * rows, total_acc + acc * rows, n + rows
+        return {"eval.loss": total_loss / n, f"eval.{stage}_accuracy": total_acc / n}
+
+    def evaluate(self, model: nn.Module, batch_size: int, rank: int, world_size: int) -> dict[str, float]:
+        """Every rank computes the same small metrics; no reduction needed."""
+        was = model.training
+        model.eval()
+        out = self.stage_metrics(model)
+        model.train(was)
+        return out
+
+    def final_report(self, model: nn.Module) -> tuple[dict[str, float], list[str]]:
+        stage = self.cfg.model.vlmo.stage
+        m = self.evaluate(model, EVAL_BATCH, 0, 1)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return {}, [f"eval.{stage}_accuracy on {len(self.eval_set)} held-out samples: {m[f'eval.{stage}_accuracy']:.4f}",
+                    f"stage {stage}: {trainable:,} trainable parameters; the next stage starts from this run "
+                    "(model.vlmo.init_from=<this run directory>)"]
+
+    def run_eval(self, model, name, out_dir):  # type: ignore[override]
+        raise ValueError(f"a VLMo {self.cfg.model.vlmo.stage} stage has no `dodo eval` tasks (its held-out metric "
+                         "is in summary.json); evaluate retrieval on the vl stage's run")
 
 
 class VlmoRetrievalTask(ContrastiveTask):
