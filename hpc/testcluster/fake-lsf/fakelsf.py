@@ -6,7 +6,7 @@ LSF's behaviour dodo relies on, so that the bsub scripts dodo renders can run en
 
   bsub < script      reads #BSUB -J/-o/-e/-w/-q/-W/-wa/-wt (command-line options win), prints
                      "Job <N> is submitted to queue <q>.", runs the script with bash in its own
-                     session once its dependency (-w "ended(N)" / "done(N)") is met, with
+                     session once its dependency (-w "ended(N)" / "done(N)" / 'done("name")', joined by &&) is met, with
                      LSB_JOBID, LSB_JOBINDEX, LSB_JOBNAME and LSB_DJOB_RANKFILE set. Arrays
                      (-J "name[1-N]%P") run one element per index. Queues other than those in
                      $FAKE_LSF_QUEUES (default "batch debug") are refused as LSF refuses them.
@@ -134,10 +134,27 @@ def bsub(argv: list[str]) -> int:
 
 
 def dependency_met(dep: str) -> bool | None:
-    """True when met, False when it never will be, None while waiting."""
+    """True when met, False when it never will be, None while waiting. Conditions joined by &&;
+    each names a job id, an element, or a job name (quoted or not: every job of that name)."""
+    results = [_one_met(part) for part in dep.split("&&")] if dep.strip() else [True]
+    if False in results:
+        return False
+    return None if None in results else True
+
+
+def _one_met(dep: str) -> bool | None:
     m = re.fullmatch(r"\s*(ended|done)\((\d+(?:\[\d+\])?)\)\s*", dep)
     if not m:
-        return True
+        named = re.fullmatch(r"\s*(ended|done)\(\"?([^\")]+)\"?\)\s*", dep)
+        if not named:
+            return True
+        jobs = [json.loads(p.read_text()) for p in STATE.glob("job_*.json")]
+        stats = [e["stat"] for j in jobs if j["name"] == named[2] for e in j["elements"].values()]
+        if not stats:
+            return False  # LSF refuses a condition on a job name it does not know
+        if not all(s in ENDED for s in stats):
+            return None
+        return named[1] == "ended" or all(s == "DONE" for s in stats)
     job, index = parse_id(m[2])
     data = load(job)
     if data is None:
