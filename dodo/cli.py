@@ -78,7 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a trained run (retrieval, zero-shot, kNN, WiSE curve)")
     ev.add_argument("run", help="a run directory with a checkpoint")
-    ev.add_argument("--task", default="all", choices=["retrieval", "zeroshot", "knn", "wise", "all"])
+    ev.add_argument("--task", default=None, choices=["retrieval", "zeroshot", "knn", "wise", "weightwatcher", "all"],
+                    help="default: all (retrieval, zeroshot, knn, wise)")
+    ev.add_argument("--wise", action="store_true", help="the WiSE-FT curve against the stored pretrained weights")
+    ev.add_argument("--weightwatcher", action="store_true", help="WeightWatcher's per-layer alpha (mean + layers)")
 
     ex = sub.add_parser("export", help="write a run's adapters in PEFT's format, or merged into HF weights")
     ex.add_argument("run", help="a run directory with a checkpoint")
@@ -443,7 +446,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from dodo.eval.run import eval_run
 
-    return eval_run(args.run, args.task)
+    tasks = [t for t, on in (("wise", args.wise), ("weightwatcher", args.weightwatcher)) if on]
+    return eval_run(args.run, ([args.task] if args.task else []) + tasks or ["all"])
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

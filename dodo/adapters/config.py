@@ -74,6 +74,10 @@ class RAdapterConfig:
     drop_prob: float = 0.2  # adapter dropping in training, kept branches scaled by 1 / (1 - p)
     ema: bool = True  # evaluate with an exponential moving average of the adapter weights
     ema_momentum: float = 0.999
+    # The average behind ``ema``: ema (exponential, ema_momentum) or bma (the uniform running mean
+    # of the weights of every optimizer step from bma_start on; docs/methods.md R-Adapter).
+    ema_kind: Literal["ema", "bma"] = "ema"
+    bma_start: int = 1  # bma: the first optimizer step (1-based) whose weights enter the mean
     alpha: float = 1.0  # re-scaling at evaluation: W_org (alpha W~_adp + I); paper 0.5 / 0.8 / 0.4
 
     def __post_init__(self) -> None:
@@ -81,6 +85,7 @@ class RAdapterConfig:
         check(0.0 <= self.drop_prob < 1.0, "drop_prob", f"must be in [0, 1), got {self.drop_prob}")
         check(0.0 <= self.ema_momentum < 1.0, "ema_momentum", f"must be in [0, 1), got {self.ema_momentum}")
         check(self.alpha >= 0, "alpha", f"must be >= 0, got {self.alpha}")
+        check(self.bma_start >= 1, "bma_start", f"must be >= 1 (a 1-based optimizer step), got {self.bma_start}")
 
 
 @dataclass

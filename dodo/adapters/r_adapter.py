@@ -15,6 +15,18 @@ original weights exactly (they are kept while merged).
 The EMA is updated at the start of every ``ema_every``-th training forward (= once per
 optimizer step; the task sets it to train.grad_accum), from the weights of the previous step,
 so it lags the live weights by one step; it needs no hook in the training loop.
+
+``ema_kind: bma`` replaces the exponential average by the uniform running mean of the weights
+(METHODS.md names only the EMA, W~ <- m W~ + (1 - m) W, m = 0.999; "BMA" is the seed's
+alternative without a formula; we implement the stochastic-weight-averaging form of a
+Bayesian model average over the trajectory): with W_t the weights after optimizer step t
+(1-based) and t0 = bma_start,
+
+    W~ = W_t                                  t < t0     (tracks the live weights)
+    W~ = 1 / (t - t0 + 1) sum_{u=t0..t} W_u   t >= t0    (as W~ += (W_t - W~) / (t - t0 + 1))
+
+for W_adp and s alike. The step count is a buffer (``bma_step``, saved in checkpoints), so a
+resumed run folds the checkpoint step's weights at its first forward and continues the same mean.
 """
 
 from __future__ import annotations
@@ -46,11 +58,15 @@ class RAdapterLinear(nn.Module):
         self.drop_prob = cfg.drop_prob
         self.use_ema = cfg.ema
         self.momentum = cfg.ema_momentum
+        self.ema_kind = cfg.ema_kind
+        self.bma_start = cfg.bma_start
         self.alpha = cfg.alpha
         self.ema_every = 1
         self._train_calls = 0
         for name, p in self._adapter_params().items():
             self.register_buffer(f"ema_{name}", p.detach().clone())
+        if self.ema_kind == "bma":  # optimizer steps begun so far; (1,): DeepSpeed broadcasts no 0-dim
+            self.register_buffer("bma_step", torch.zeros(1, dtype=torch.long))
         self.merged = False
         self._saved: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -63,6 +79,27 @@ class RAdapterLinear(nn.Module):
         for name, p in self._adapter_params().items():
             ema = getattr(self, f"ema_{name}")
             ema.lerp_(p.detach().to(ema.dtype), 1.0 - self.momentum)
+
+    @torch.no_grad()
+    def update_bma(self, step: int) -> None:
+        """Fold W_step (the live weights, after optimizer step ``step``, 1-based) into the mean."""
+        n = step - self.bma_start + 1  # weights in the mean, this one included
+        for name, p in self._adapter_params().items():
+            ema = getattr(self, f"ema_{name}")
+            if n <= 0:
+                ema.copy_(p.detach().to(ema.dtype))
+            else:
+                ema.add_((p.detach().to(ema.dtype) - ema) / n)
+
+    def _step_start(self) -> None:
+        """At the first forward of an optimizer step: fold the previous step's weights."""
+        if self.ema_kind == "bma":
+            done = int(self.bma_step)  # steps finished: their last weights are the live ones
+            if done > 0:
+                self.update_bma(done)
+            self.bma_step += 1
+        elif self._train_calls > 0:
+            self.update_ema()
 
     def matrix(self, ema: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_adp (d, d), s): the live weights, or their EMA."""
@@ -81,8 +118,8 @@ class RAdapterLinear(nn.Module):
             return y
         if self.training:
             if self.use_ema and torch.is_grad_enabled():
-                if self._train_calls > 0 and self._train_calls % self.ema_every == 0:
-                    self.update_ema()
+                if self._train_calls % self.ema_every == 0:
+                    self._step_start()
                 self._train_calls += 1
             branch = self._branch(y, ema=False)
             if self.drop_prob > 0:  # adapter dropping, per sample

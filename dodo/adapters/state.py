@@ -105,5 +105,7 @@ def wise_state(zero_shot: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor
     """theta = (1 - alpha) theta_zero_shot + alpha theta_tuned, key by key."""
     if zero_shot.keys() != tuned.keys():
         raise ValueError("WiSE needs two states of the same model (the key sets differ)")
-    return {k: torch.lerp(zero_shot[k].float(), tuned[k].float(), alpha).to(tuned[k].dtype)
-            if tuned[k].is_floating_point() else tuned[k] for k in tuned}
+    def lerp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # at least fp32 (half inputs), fp64 kept
+        dt = torch.promote_types(b.dtype, torch.float32)
+        return torch.lerp(a.to(dt), b.to(dt), alpha).to(b.dtype)  # weight 0 / 1: a / b exactly
+    return {k: lerp(zero_shot[k], tuned[k]) if tuned[k].is_floating_point() else tuned[k] for k in tuned}

@@ -101,6 +101,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     knn_bank: int = 1024  # training images in the kNN feature bank
     wise_alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    weightwatcher: bool = False  # summary.json: WeightWatcher's mean layer alpha (dodo/eval/weightwatch.py)
 
     def __post_init__(self) -> None:
         # The words are checked against the generator's vocabulary only when the shapes suite

@@ -38,6 +38,9 @@ class ContrastiveTask(Task):
             if isinstance(m, RAdapterLinear):
                 m.ema_every = cfg.train.grad_accum
         train, evals = build_datasets(cfg.data)
+        if getattr(getattr(cfg.model, "clip", None), "text_source", "captions") == "class_templates":
+            from dodo.models.clip.class_text import wrap_datasets  # classification fine-tuning
+            train, evals = wrap_datasets(cfg, train, evals)
         self.ood_set: Dataset | None = None
         if cfg.eval.ood_holdout and len(train) and shapes.is_shapes([train[0]]):  # the shapes suite's colour-shape shift (synthetic data only)
             train, evals, self.ood_set = shapes.ood_split(cfg, train, evals)

@@ -56,6 +56,9 @@ class Trainer:
         log.info("startup: model and data %.3f", time.time())
         model = self.task.model.to(self.device)
         self.trainable, self.total_params = count_parameters(model)
+        if self.rank == 0:  # WiSE-FT's theta_0 (dodo/eval/wise.py): the fresh model, once; resumes keep it
+            from dodo.eval.wise import save_pretrained_state
+            save_pretrained_state(run.path, model)
         ckpt = checkpoint.latest(run)
         # Another world size (MoE: or ep_size): a universal (dense) or resharded (MoE) copy to load.
         universal = checkpoint.prepare_resume(run, ckpt, model, cfg.model.moe.ep_size)
@@ -283,6 +286,10 @@ class Trainer:
                 extra, report = self.task.final_report(self.engine.module)
                 suites, suite_lines = self.task.suite_report(self.engine.module)
                 extra, report = {**extra, **suites}, report + (["eval suites:"] + suite_lines if suites else [])
+                if getattr(self.cfg.eval, "weightwatcher", False):  # per-layer alphas: <run>/weightwatcher_layers.json
+                    from dodo.eval.weightwatch import report as weightwatcher
+                    ww_metrics, ww_lines = weightwatcher(self.engine.module, self.run.path)
+                    extra, report = {**extra, **ww_metrics}, report + ww_lines
                 writer.write(self.step, **final_eval, **extra)
                 write_summary(self.run, self.cfg, self.history["initial_eval"], {**final_eval, **extra}, report,
                               train_seconds, self.world, self.trainable, self.total_params)

@@ -46,6 +46,12 @@ class ClipConfig:
     # model.adapter is injected first and loaded from its newest checkpoint; then this run's
     # own model.adapter is added on top and trained (masked adapters: docs/methods.md).
     init_adapters: list[str] = field(default_factory=list, metadata=MUST_EXIST)
+    # The text side of contrastive training: the data's captions, or class_templates
+    # (classification fine-tuning on a labelled cache: each image's class name in a template,
+    # same-class pairs positive; dodo/models/clip/class_text.py, refused at submit without labels).
+    text_source: Literal["captions", "class_templates"] = "captions"
+    class_names: str = ""  # class_templates: "" = the cache manifest's; clip_benchmark:<dataset> or a file
+    class_templates: str = ""  # class_templates: "" = clip_benchmark's for the cache's dataset; or a file
     # The hard-sample domain adapter: a difficulty bank weighting the loss and the sampler
     # (dodo/models/clip/hard_config.py; docs/methods.md).
     hard_samples: HardSamplesConfig = field(default_factory=HardSamplesConfig)
