@@ -334,7 +334,7 @@ def _check_suites(cfg) -> None:
     from dodo.models.registry import family
 
     spec = family(cfg.model.family)
-    check_suites(cfg, spec.default_suites, spec.eval_hooks)
+    check_suites(cfg, spec.suites_of(cfg), spec.eval_hooks)
 
 
 def _remove_empty(*folders: Path) -> None:

@@ -55,3 +55,12 @@ def workdir(tmp_path: Path) -> Path:
     (tmp_path / "jobs").symlink_to(REPO / "jobs")
     (tmp_path / "configs").symlink_to(REPO / "configs")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def real_data(tmp_path_factory) -> dict[str, Path]:
+    """The real-format caches (tests/data_helpers.py real_caches), built once per session and
+    shared by every end-to-end test on real data (test_real_data_e2e, test_real_families_e2e)."""
+    from data_helpers import real_caches
+
+    return real_caches(tmp_path_factory.mktemp("real"))

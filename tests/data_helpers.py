@@ -71,6 +71,14 @@ PLACES = ("a city street", "the beach", "a grassy field", "a busy market", "a sn
           "the train station", "a quiet park", "the river bank")
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SPLIT_CYCLE = ("train", "train", "restval", "val", "test")  # Karpathy splits by image index
+FLICKR_SPLIT_CYCLE = ("train", "train", "train", "val", "test")  # Flickr30k's Karpathy split has no restval
+# Flickr30k-style captions (people in action, longer, other words than the COCO stand-in's).
+FLICKR_PEOPLE = ("two young guys", "a little girl", "several men in hard hats", "a woman in a red jacket",
+                 "an older man", "a group of kids", "a musician", "three friends")
+FLICKR_VERBS = ("are climbing", "is jumping over", "are operating", "is painting", "is playing a guitar near",
+                "are hiking toward", "is reading beside", "are dancing around")
+FLICKR_PLACES = ("a wooden fence", "a giant pulley system", "a colorful mural", "a stone fountain",
+                 "the mountain trail", "an outdoor stage", "a frozen lake", "the old church")
 
 
 def caption(i: int, j: int = 0) -> str:
@@ -79,10 +87,29 @@ def caption(i: int, j: int = 0) -> str:
             f"{ACTIONS[(i // len(SUBJECTS) + j) % len(ACTIONS)]} {PLACES[(i + 3 * j) % len(PLACES)]}")
 
 
+def flickr_caption(i: int, j: int = 0) -> str:
+    """Flickr30k-style caption j of image i, e.g. "two young guys are climbing a wooden fence"."""
+    return (f"{FLICKR_PEOPLE[(i + j) % len(FLICKR_PEOPLE)]} {FLICKR_VERBS[(i + 2 * j) % len(FLICKR_VERBS)]} "
+            f"{FLICKR_PLACES[(i // len(FLICKR_PEOPLE) + j) % len(FLICKR_PLACES)]}")
+
+
+def flickr_image(i: int, size: int = 24) -> bytes:
+    """A Flickr stand-in image: other pixels than :func:`image_bytes` (two vertical colour bands
+    over a horizontal gradient, seeded apart from the COCO images), JPEG."""
+    rng = np.random.default_rng([i, 30_000])
+    top, bottom = rng.integers(0, 255, size=(2, 3))
+    rows = np.where(np.arange(size)[:, None, None] < size // 2, top, bottom)  # (size, 1, 3)
+    grad = np.linspace(-40, 40, size)[None, :, None]
+    pixels = np.clip(rows + grad + np.zeros((size, size, 3)), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
 def all_words() -> list[str]:
     """Every word the writers below can produce (captions, class names, corpus)."""
-    words = {w for part in (ADJECTIVES, SUBJECTS, ACTIONS, PLACES, CIFAR10_NAMES) for p in part
-             for w in p.split()}
+    words = {w for part in (ADJECTIVES, SUBJECTS, ACTIONS, PLACES, CIFAR10_NAMES, FLICKR_PEOPLE,
+                            FLICKR_VERBS, FLICKR_PLACES) for p in part for w in p.split()}
     words |= {"a", "the", "and", "photo", "of", "an", "image", "class", "said", "then", "went", "home",
               "synonym", "superclass", ".", ",", "'", "-", "_"} | {str(d) for d in range(10)}
     for n in imagenet_names()[:100]:
@@ -115,13 +142,17 @@ def write_karpathy(root: Path, n_images: int, captions_per_image: int = 5, datas
                    size: int = 24) -> tuple[Path, Path]:
     """``root/dataset_<dataset>.json`` + images; returns (json, image root for --images).
 
-    coco: images under ``<root>/images/<filepath>/`` with ``cocoid``; flickr30k: flat, no
-    filepath. Image i is in split SPLIT_CYCLE[i % 5]; caption j of image i is caption(i, j).
+    coco: images under ``<root>/images/<filepath>/`` with ``cocoid``, image i in split
+    SPLIT_CYCLE[i % 5], caption j of image i is caption(i, j). flickr30k (as
+    ``dataset_flickr30k.json`` lays it out): flat ``<filename>``, no filepath / cocoid, splits
+    FLICKR_SPLIT_CYCLE (no restval), other images and captions (flickr_image, flickr_caption).
     """
     images_root = root / "images"
     entries = []
+    flickr = dataset != "coco"
+    cycle = FLICKR_SPLIT_CYCLE if flickr else SPLIT_CYCLE
     for i in range(n_images):
-        split = SPLIT_CYCLE[i % len(SPLIT_CYCLE)]
+        split = cycle[i % len(cycle)]
         if dataset == "coco":
             folder = "val2014" if split != "train" else "train2014"
             name = f"COCO_{folder}_{100000 + i:012d}.jpg"
@@ -130,8 +161,9 @@ def write_karpathy(root: Path, n_images: int, captions_per_image: int = 5, datas
             folder, name = "", f"{1000091 + i}.jpg"
             entry = {"filename": name}
         (images_root / folder).mkdir(parents=True, exist_ok=True)
-        (images_root / folder / name).write_bytes(image_bytes(i, size))
-        sentences = [{"tokens": caption(i, j).split(), "raw": caption(i, j).capitalize() + ".",
+        (images_root / folder / name).write_bytes(flickr_image(i, size) if flickr else image_bytes(i, size))
+        text = flickr_caption if flickr else caption
+        sentences = [{"tokens": text(i, j).split(), "raw": text(i, j).capitalize() + ".",
                       "imgid": i, "sentid": i * captions_per_image + j} for j in range(captions_per_image)]
         entries.append({**entry, "imgid": i, "split": split, "sentences": sentences,
                         "sentids": [s["sentid"] for s in sentences]})
@@ -314,3 +346,49 @@ def real_caches(root: Path, image_size: int = 32, n_images: int = 40, store: str
     corpus = write_text_corpus(root / "src" / "books.txt", 4 * n_images)
     out["text"] = make_cache(corpus, "text", root / "text", block=16, tokenizer=str(tok), store=store)
     return out
+
+
+# --- which modules a run imports: a test-only hook in every process of a `dodo submit` --------
+#
+# A run on real data must never load the synthetic shapes generator. The hook is a
+# sitecustomize.py put first on PYTHONPATH (the local backend keeps it after the run's code
+# snapshot): Python imports it at start-up in the submitting process and in every rank, where it
+# installs a meta-path finder that logs each process (pid, argv) and every import of a watched
+# module with the stack that asked for it. It never changes what gets imported.
+
+SHAPES_MODULES = ("dodo.data.synthetic", "dodo.eval.shapes", "dodo.tasks.shapes")
+
+_HOOK = '''import os, sys, traceback
+_LOG = os.environ["DODO_TEST_IMPORT_LOG"]
+_WATCH = set(os.environ["DODO_TEST_IMPORT_WATCH"].split(","))
+with open(_LOG, "a") as _f:
+    _f.write("process %d %s\\n" % (os.getpid(), " ".join(sys.argv)))
+class _Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name in _WATCH:
+            with open(_LOG, "a") as f:
+                f.write("import %d %s\\n%s\\n" % (os.getpid(), name, "".join(traceback.format_stack(limit=14)[:-1])))
+        return None
+sys.meta_path.insert(0, _Watch())
+'''
+
+
+def import_watch(folder: Path, modules: tuple[str, ...] = SHAPES_MODULES) -> tuple[dict[str, str], Path]:
+    """(env for ``dodo(..., env=)``, log file): every process of the run logs itself and any
+    import of ``modules`` to the log (see :func:`watched_imports`)."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_HOOK)
+    log = folder / "imports.log"
+    path = os.pathsep.join([str(folder)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    return {"PYTHONPATH": path, "DODO_TEST_IMPORT_LOG": str(log),
+            "DODO_TEST_IMPORT_WATCH": ",".join(modules)}, log
+
+
+def watched_imports(log: Path) -> tuple[int, list[str], str]:
+    """(number of processes that ran the hook, the "import PID MODULE" lines, the whole log
+    with the importing stacks, for the assertion message)."""
+    text = log.read_text() if log.exists() else ""
+    lines = text.splitlines()
+    return (sum(1 for l in lines if l.startswith("process ")), [l for l in lines if l.startswith("import ")], text)

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import dodo, run_dirs
-from data_helpers import real_caches
 
 
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory) -> dict[str, Path]:
-    return real_caches(tmp_path_factory.mktemp("real"))
+@pytest.fixture
+def caches(real_data) -> dict[str, Path]:
+    return real_data  # session-scoped (conftest.py): built once for every real-data e2e test
 
 
 def _common(c: dict[str, Path]) -> list[str]:

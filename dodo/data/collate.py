@@ -14,6 +14,10 @@ Two image outputs:
   DataLoader's queues and the host-to-device copy; ``dodo.data.device.to_device`` converts and
   normalises on the device with the same mean / std (the twin of :meth:`images`, tested equal).
 
+Unimodal caches: an image-only cache's samples have caption "" (its ids are the EOS alone); a
+text-only cache's have image None, and a batch of them has ``images`` None (the MLM pretext
+stage reads only the ids; ``to_device`` drops non-tensors).
+
 Captions: a Sample carrying pre-tokenised ids (``Sample.tokens``, from ``dodo data cache
 --tokenizer``) is used as is when the cache's tokenizer is the run's (see :func:`for_training`);
 otherwise the caption text is tokenised here.
@@ -83,6 +87,9 @@ class CaptionCollator:
 
     def pixels(self, samples: Sequence[Sample]) -> torch.Tensor:
         """(B, 3, H, W) uint8 view of the stacked (B, H, W, 3) images, not normalised."""
+        if any(s.image is None for s in samples):
+            raise ValueError("a batch mixes text-only samples (image None) with images; "
+                             "train on one kind of cache at a time")
         shapes = {s.image.shape for s in samples}
         if len(shapes) != 1:
             raise ValueError(f"images in one batch must share a shape, got {sorted(shapes)}")
@@ -138,9 +145,13 @@ class CaptionCollator:
         # uint8: the (B, 3, H, W) channels-last view of the stacked images: one memcpy per image
         # (np.stack); the transposing copy happens on the device, fused with the float
         # conversion (a host-side transposing copy cost ~4x the stack: docs/benchmarks.md).
-        images = self.pixels(samples) if self.output == "uint8" else self.images(samples)
+        if all(s.image is None for s in samples):  # a text-only cache (MLM pretext): no images
+            images = None
+        else:
+            images = self.pixels(samples) if self.output == "uint8" else self.images(samples)
         out = {
-            "images": images,  # (B, 3, H, W) float32 normalised, or uint8 (to_device normalises)
+            # (B, 3, H, W) float32 normalised, or uint8 (to_device normalises); None for texts
+            "images": images,
             "input_ids": input_ids,  # (B, T) long
             "attention_mask": attention_mask,  # (B, T) long
             "captions": captions,

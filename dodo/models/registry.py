@@ -67,6 +67,13 @@ class FamilySpec:
     # Suite kinds measured on the held-out split when eval.suites is empty and the data is not
     # the synthetic shapes (dodo.eval.suites.effective_suites' default_kinds).
     default_suites: tuple[str, ...] = ()
+    # JobConfig -> the default suite kinds when they depend on the job (e.g. none for CLIP's
+    # masked pretext stages); None: ``default_suites``. See ``FamilySpec.suites_of``.
+    suites_for: Optional[Callable[[Any], tuple[str, ...]]] = None
+
+    def suites_of(self, cfg: Any) -> tuple[str, ...]:
+        """The default suite kinds of the job ``cfg`` (its family's)."""
+        return tuple(self.suites_for(cfg)) if self.suites_for is not None else self.default_suites
 
 
 _REGISTRY: dict[str, FamilySpec] = {}

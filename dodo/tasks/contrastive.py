@@ -4,7 +4,13 @@ classes, in distribution (ID) and under the colour-shape shift (OOD; dodo/tasks/
 
 For the evaluation suites (INTERFACES.md section 4) the task exposes
 ``encode_images(model, images) -> (B, D)`` and ``encode_texts(model, texts) -> (B, D)``, unit
-norm. Held-out retrieval still counts identical captions as positives of each other.
+norm. The periodic held-out retrieval counts a caption's own image as its positive (image ids:
+``dodo.eval.retrieval.recall_by_image_ids``, R@K both ways as the papers do), reported as
+``eval.<split>.tr_rK`` (image -> text, "i2t"), ``ir_rK`` (text -> image, "t2i") and ``r_mean``.
+On the synthetic shapes data (the ``shapes`` suite's scoring, dodo/tasks/shapes.py) identical
+captions of different images count as positives of each other, plus zero-shot over its classes.
+The shapes module is imported only when the data is the synthetic shapes (their samples carry
+its ``attrs``), so a run on real data never loads the generator.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from dodo.adapters.r_adapter import RAdapterLinear
 from dodo.config.schema import JobConfig
@@ -22,10 +28,9 @@ from dodo.data import build_datasets
 from dodo.data.collate import CaptionCollator
 from dodo.data.tokenizer import load_tokenizer
 from dodo.eval.knn import knn_accuracy
-from dodo.eval.retrieval import positives_from_captions, recall_at_k
-from dodo.eval.zeroshot import class_embeddings, zero_shot_accuracy
+from dodo.eval.retrieval import recall_by_image_ids
 from dodo.models.registry import InitState
-from dodo.tasks import Task, build_family_model, shapes
+from dodo.tasks import Task, build_family_model
 from dodo.tasks.encoders import to_model_images
 
 
@@ -42,7 +47,8 @@ class ContrastiveTask(Task):
             from dodo.models.clip.class_text import wrap_datasets  # classification fine-tuning
             train, evals = wrap_datasets(cfg, train, evals)
         self.ood_set: Dataset | None = None
-        if cfg.eval.ood_holdout and len(train) and shapes.is_shapes([train[0]]):  # the shapes suite's colour-shape shift (synthetic data only)
+        if cfg.eval.ood_holdout and len(train) and _is_shapes([train[0]]):  # the shapes suite's colour-shape shift (synthetic data only)
+            from dodo.tasks import shapes
             train, evals, self.ood_set = shapes.ood_split(cfg, train, evals)
         self.train_set, self.eval_set = train, evals
         self.collate = CaptionCollator(self.tokenizer, cfg.data.max_caption_tokens)
@@ -76,18 +82,25 @@ class ContrastiveTask(Task):
         return torch.cat(imgs), torch.cat(txts), caps
 
     def split_metrics(self, model: nn.Module, ds: Dataset, tag: str) -> dict[str, float]:
-        img, txt, caps = self.embed(model, ds)
-        # Unique captions as the text gallery: every image with that caption is a positive.
-        texts = sorted(set(caps))
-        txt_unique = torch.stack([txt[caps.index(t)] for t in texts])
-        r = recall_at_k(img @ txt_unique.T, positives_from_captions(caps, texts), self.cfg.eval.retrieval_ks)
-        out = {f"eval.{tag}.{k}": v for k, v in r.items()}
-        if shapes.is_shapes([ds[i] for i in range(min(len(ds), 16))]):  # the shapes suite: zero-shot
-            samples = [ds[i] for i in range(len(ds))]                      # over its "colour shape" classes
-            cls = class_embeddings(lambda t: self.encode_texts(model, t), shapes.suite.classes(), self.cfg.eval.templates)
-            zs = zero_shot_accuracy(img, cls, torch.tensor(shapes.labels(samples)), (1, 5))
-            out[f"eval.{tag}.zeroshot_top1"] = zs["top1"]
-        return out
+        """Held-out retrieval R@K (+ zero-shot on the shapes data) as ``eval.<tag>.*``."""
+        img, txt, caps = self.embed(model, ds)  # (N, D) each: one row per caption sample
+        ks = self.cfg.eval.retrieval_ks
+        if _is_shapes([ds[i] for i in range(min(len(ds), 16))]):
+            out = _shapes_metrics(self, model, ds, img, txt, caps, ks)
+        else:
+            # Gallery: each image once (the first sample of its image id), every caption;
+            # a sample without an id (-1) is its own image. Positives by image, not by text.
+            ids = [getattr(ds[i], "image_id", -1) for i in range(len(ds))] if not hasattr(ds, "image_ids") \
+                else ds.image_ids().tolist()
+            row: dict[int, int] = {}
+            owner = [row.setdefault(iid if iid >= 0 else -(i + 1), len(row)) for i, iid in enumerate(ids)]
+            first = sorted({o: i for i, o in reversed(list(enumerate(owner)))}.items())
+            gallery = img[torch.tensor([i for _, i in first])]  # (I, D)
+            r = recall_by_image_ids(gallery, txt, owner, ks)
+            # Stable key names: tr = image -> text (i2t), ir = text -> image (t2i).
+            out = {("tr" + k[3:] if k.startswith("i2t") else "ir" + k[3:] if k.startswith("t2i") else k): v
+                   for k, v in r.items()}
+        return {f"eval.{tag}.{k}": v for k, v in out.items()}
 
     # ---------------------------------------------------------------- Task API
 
@@ -108,13 +121,14 @@ class ContrastiveTask(Task):
     def knn(self, model: nn.Module) -> float | None:
         """kNN top-1 on image features, the train bank against the ID eval images; labels from
         the data (Sample.label), or the shapes classes; None when the data has neither."""
-        bank = shapes.Subset(self.train_set, list(range(min(len(self.train_set), self.cfg.eval.knn_bank))))
+        bank = Subset(self.train_set, list(range(min(len(self.train_set), self.cfg.eval.knn_bank))))
         b_samples = [bank[i] for i in range(len(bank))]
         e_samples = [self.eval_set[i] for i in range(len(self.eval_set))]
         if all(s.label >= 0 for s in b_samples + e_samples):
             b_lab = torch.tensor([s.label for s in b_samples])
             e_lab = torch.tensor([s.label for s in e_samples])
-        elif shapes.is_shapes(b_samples + e_samples):
+        elif _is_shapes(b_samples + e_samples):
+            from dodo.tasks import shapes
             b_lab = torch.tensor(shapes.labels(b_samples))
             e_lab = torch.tensor(shapes.labels(e_samples))
         else:
@@ -158,3 +172,29 @@ class ContrastiveTask(Task):
             files = write_curve(rows, out_dir)
             return {"rows": rows}, [markdown_table(rows), f"  curve: {files['png']}"]
         raise ValueError(f"unknown eval task {name!r} for a contrastive run; choose retrieval, zeroshot, knn or wise")
+
+
+def _is_shapes(samples: list) -> bool:
+    """Synthetic shapes samples carry the generator's ``attrs`` (no other source sets them): only
+    then is the shapes module (and through it the generator) imported."""
+    if not samples or not all(getattr(s, "attrs", None) for s in samples):
+        return False
+    from dodo.tasks import shapes
+    return shapes.is_shapes(samples)
+
+
+def _shapes_metrics(task: ContrastiveTask, model: nn.Module, ds: Dataset, img: torch.Tensor, txt: torch.Tensor,
+                    caps: list[str], ks) -> dict[str, float]:
+    """The shapes suite's held-out scoring: unique captions as the text gallery (every image with
+    that caption is a positive) and zero-shot over its "colour shape" classes."""
+    from dodo.eval.retrieval import positives_from_captions, recall_at_k
+    from dodo.eval.zeroshot import class_embeddings, zero_shot_accuracy
+    from dodo.tasks import shapes
+
+    texts = sorted(set(caps))
+    txt_unique = torch.stack([txt[caps.index(t)] for t in texts])  # (T, D)
+    out = recall_at_k(img @ txt_unique.T, positives_from_captions(caps, texts), ks)
+    samples = [ds[i] for i in range(len(ds))]
+    cls = class_embeddings(lambda t: task.encode_texts(model, t), shapes.suite.classes(), task.cfg.eval.templates)
+    out["zeroshot_top1"] = zero_shot_accuracy(img, cls, torch.tensor(shapes.labels(samples)), (1, 5))["top1"]
+    return out

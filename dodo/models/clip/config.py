@@ -106,3 +106,46 @@ class ClipModelConfig(ModelConfig):
 
     def init_adapter_runs(self) -> list[str]:
         return list(self.clip.init_adapters)
+
+
+# What each pretext objective reads from a batch, and the cache that gives it (docs/data.md).
+_PRETEXT_NEEDS = {"mim": ("image", "images", "an image cache, e.g. class folders: "
+                                             "`dodo data cache ROOT --from folder`"),
+                  "mlm": ("text", "captions or texts", "a text cache: `dodo data cache CORPUS --from text "
+                                                       "--block 64 --tokenizer TOK`")}
+
+
+def validate_job(job) -> None:  # JobConfig -> None (ConfigValueError with the full key path)
+    """A masked pretext stage refuses a cache without its modality: MIM on a text-only cache (no
+    images), MLM on an image-only one (no texts). Reads the ``modality`` field of manifest.json
+    itself (json only: config-level code may not import dodo.data, STYLE.md's layer rule); a cache
+    not built yet, or a manifest that does not parse, is left to the cache checks of `dodo submit`."""
+    from dodo.models.clip.class_text import check_text_source
+    check_text_source(job)  # text_source=class_templates needs a labelled cache
+    objective, d = job.model.clip.objective, job.data
+    if objective not in _PRETEXT_NEEDS or d.kind == "synthetic":
+        return
+    import json
+    from pathlib import Path
+
+    needed, what, fix = _PRETEXT_NEEDS[objective]
+    lacking = "text" if needed == "image" else "image"  # the unimodal cache that cannot feed it
+    for key in ("train_cache", "eval_cache"):
+        path = getattr(d, key)
+        manifest = Path(path).expanduser() / "manifest.json"
+        if not path or not manifest.is_file():
+            continue
+        try:
+            modality = json.loads(manifest.read_text()).get("modality", "image_text")  # older: image_text
+        except (OSError, ValueError, AttributeError):
+            continue  # a damaged manifest: named by the cache checks
+        article = "an" if lacking == "image" else "a"
+        check(modality != lacking, f"data.{key}",
+              f"{path} is {article} {lacking}-only cache (manifest modality {lacking!r}), but "
+              f"model.clip.objective={objective} needs {what}; point data.{key} at {fix}")
+
+
+def default_suites(job) -> tuple[str, ...]:
+    """Suites measured by default on real data: retrieval, except for a masked pretext stage
+    (its held-out metric is eval.mim_l1 / eval.mlm_accuracy; it may train on a unimodal cache)."""
+    return ("retrieval",) if job.model.clip.objective == "contrastive" else ()

@@ -111,18 +111,20 @@ class ClipDualEncoder(nn.Module):
         out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         return F.normalize(out if torch.is_tensor(out) else out.pooler_output, dim=-1)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, images: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
                 image_ids: torch.Tensor | None = None, sample_index: torch.Tensor | None = None) -> torch.Tensor:
         """``sample_index`` (B,): the pairs' training-set rows, given with hard-sample training
         (model.clip.hard_samples, task_hard.py attaches ``hard_bank``): weighted loss + bank update.
         ``image_ids`` (B,), when the batch has them: captions of one image (or texts of one
         class) are each other's positives; without them InfoNCE is CLIP's and MPM-NCE takes
-        identical captions as positives."""
-        c, loss = self.cfg, images.new_zeros(())
+        identical captions as positives. ``images`` is None on a text-only cache (objective mlm)."""
+        c = self.cfg
         if c.objective == "mim":  # a pretext task alone (dodo/models/clip/task_masked.py)
             return self.mim(images)[0]
         if c.objective == "mlm":
             return self.mlm(input_ids, attention_mask)[0]
+        loss = images.new_zeros(())
         if c.contrastive_weight > 0:
             img, txt = self.encode_image(images), self.encode_text(input_ids, attention_mask)
             if c.loss == "infonce":

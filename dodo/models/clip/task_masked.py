@@ -11,6 +11,12 @@ mlm: masked language modelling on the text tower (BERT 80/10/10 masking at ``mlm
 Held-out masks are drawn from a fixed seed (``EVAL_SEED``), so every evaluation of a run, on
 every rank, scores the same masked inputs. The data and the OOD hold-out are the contrastive
 task's: on the synthetic shapes, the held-out colour-shape pairs stay unseen by the pretext stage too.
+
+Unimodal caches (docs/data.md): MIM trains from an image-only cache (class folders: captions
+"", only the images are read), MLM from a text-only cache (``--from text``: a sample's image is
+None, a batch has ``images`` None and the model's forward reads the ids alone). An image-text
+cache feeds either. The wrong modality (MIM on text, MLM on images) is refused at submit by
+``dodo.models.clip.config.validate_job``; a pretext run measures no eval suite by default.
 """
 
 from __future__ import annotations
