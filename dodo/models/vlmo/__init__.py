@@ -12,7 +12,7 @@ task.py     the retrieval task with ITM re-ranking, and the mim / mlm stage task
 from __future__ import annotations
 
 from dodo.models.registry import FamilySpec, register
-from dodo.models.vlmo.config import REFUSED_ADAPTERS, VlmoConfig, VlmoModelConfig, validate_job
+from dodo.models.vlmo.config import REFUSED_ADAPTERS, VlmoConfig, VlmoModelConfig, default_suites, validate_job
 
 __all__ = ["FAMILY", "VlmoConfig", "VlmoModelConfig"]
 
@@ -24,6 +24,7 @@ FAMILY = register(FamilySpec(
     task="dodo.models.vlmo.task:build_task",
     eval_hooks=("encode_images", "encode_texts"),
     default_suites=("retrieval",),
+    suites_for=default_suites,
     refused_adapters=REFUSED_ADAPTERS,
     flavours={"tiny": "model/vlmo_tiny", "base": "model/vlmo_base", "large": "model/vlmo_large"},
     validate=validate_job,
