@@ -109,9 +109,10 @@ def _data_parser(sub) -> None:
     dc = dsub.add_parser("cache", help="cache an image-caption source as shards + manifest (resumable)")
     dc.add_argument("src", help="tars (file, folder or glob) | COCO captions JSON | Karpathy split JSON | "
                                 "CC3M TSV | class-folder tree or captions/labels CSV/TSV/JSONL | CIFAR "
-                                "folder | text file/folder | synthetic split (train/eval)")
+                                "folder | text file/folder | parallel-text JSONL (src/tgt) | synthetic split (train/eval)")
     dc.add_argument("--from", dest="source", required=True,
-                    choices=["webdataset", "coco", "karpathy", "cc3m", "folder", "cifar", "text", "synthetic"])
+                    choices=["webdataset", "coco", "karpathy", "cc3m", "folder", "cifar", "text", "parallel",
+                             "synthetic"])
     dc.add_argument("--out", required=True, help="cache folder to write (or finish)")
     dc.add_argument("--store", choices=["hdf5", "zarr"], default="hdf5")
     dc.add_argument("--encode", choices=["jpeg", "raw"], default="jpeg",

@@ -36,6 +36,7 @@ SOURCES: dict[str, str] = {
     "folder": "dodo.data.ingest.folder:FolderSource",
     "cifar": "dodo.data.ingest.cifar:CifarSource",
     "text": "dodo.data.ingest.text:TextSource",
+    "parallel": "dodo.data.ingest.parallel:ParallelSource",
     "synthetic": "dodo.data.ingest.synthetic:SyntheticSource",
 }
 SOURCE_KINDS: tuple[str, ...] = tuple(SOURCES)
