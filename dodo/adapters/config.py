@@ -54,11 +54,15 @@ class PrefixConfig:
 class FiLMConfig:
     """FiLM: h <- (1 + gamma(c)) * h + beta(c), gamma and beta linear in the condition c and
     zero-initialised (identity at the start). ``condition``: ``image`` (the image's pooled
-    feature; MAGMA's LM) or ``task`` (a learned embedding per task id)."""
+    feature; MAGMA's LM), ``task`` (a learned embedding per task id) or ``text`` (language: a
+    frozen text encoder's L2-normalised embedding of ``prompt``, and, with ``caption``, of each
+    sample's caption where the model has one; the weak family)."""
 
-    condition: Literal["image", "task"] = "task"
+    condition: Literal["image", "task", "text"] = "task"
     num_tasks: int = 1
     task_dim: int = 32
+    prompt: str = "a photo"  # text: the fixed condition (every image-only pass)
+    caption: bool = False  # text: condition on the sample's own caption where one is given
 
     def __post_init__(self) -> None:
         check(self.num_tasks >= 1, "num_tasks", f"must be >= 1, got {self.num_tasks}")

@@ -4,7 +4,8 @@
 
 The condition c (B, cond_dim) is set on a shared ``FiLMCondition`` holder by the model before
 the forward of the modulated tower: the other modality's pooled feature (MAGMA: the image's
-mean patch feature conditions every LM layer) or a learned task embedding.
+mean patch feature conditions every LM layer), a learned task embedding, or language: a frozen
+text encoder's embedding of a caption or a fixed prompt (``set_text``; the weak family).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ class FiLMCondition(nn.Module):
 
     def set(self, cond: torch.Tensor) -> None:
         self.value = cond
+
+    def set_text(self, embedding: torch.Tensor) -> None:
+        """Language condition: (B, cond_dim) or (cond_dim,) frozen text embeddings (captions, or
+        one prompt for the whole batch), L2-normalised so gamma / beta see unit-norm inputs
+        whatever the text encoder's scale; no gradient flows into the frozen encoder."""
+        emb = embedding.detach()
+        self.value = torch.nn.functional.normalize(emb[None] if emb.dim() == 1 else emb, dim=-1)
 
     def set_task(self, task_ids: torch.Tensor) -> None:  # (B,) long
         assert self.tasks is not None, "FiLM condition 'task' needs num_tasks >= 1"

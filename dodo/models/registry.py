@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from dodo.models.config import ModelConfig
 
 # Families shipped with dodo, one folder each. Others call register() from their own package.
-BUILTIN = ("magma", "clip", "vlmo", "prompt", "lang_adapter")
+BUILTIN = ("magma", "clip", "vlmo", "prompt", "weak", "lang_adapter")
 
 
 @dataclass
