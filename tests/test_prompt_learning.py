@@ -254,14 +254,19 @@ def _run(workdir: Path, job: str, name: str, *overrides: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_tiny_coop_job_improves_base_accuracy(workdir: Path, caches) -> None:
-    summary, rows = _run(workdir, "jobs/prompt_coop.yaml", "coop_t", *_data(caches))
+    # The zero-shot suite through the task's hooks: each "{}"-filled text is a class name inside
+    # the learned prompt (docs/methods.md).
+    (workdir / "names_only.txt").write_text("{}\n")
+    suite = (f"eval.suites=[{{kind: zeroshot, datasets: [{{name: inet, cache: '{caches['imagenet_val']}', "
+             f"templates: '{workdir / 'names_only.txt'}'}}]}}]")
+    summary, rows = _run(workdir, "jobs/prompt_coop.yaml", "coop_t", *_data(caches), suite)
     flat = json.dumps(summary)
     evals = [r for r in rows if "eval.prompt.imagenet1k.base_top1" in r]
     assert len(evals) >= 2, rows
     first, last = evals[0]["eval.prompt.imagenet1k.base_top1"], evals[-1]["eval.prompt.imagenet1k.base_top1"]
     assert last > first, (first, last)
     for key in ("eval.prompt.imagenet1k.new_top1", "eval.prompt.imagenet1k.hm",
-                "eval.prompt_handcrafted.imagenet1k.base_top1"):
+                "eval.prompt_handcrafted.imagenet1k.base_top1", "eval.zeroshot.inet.top1"):
         assert key in flat, flat[:2000]
 
 
