@@ -113,6 +113,8 @@ def test_stage_weights_carry_over_and_other_sizes_are_refused():
     assert torch.equal(second.blocks[0].attn.q_proj.weight, first.blocks[0].attn.q_proj.weight)
     assert "mim_head.weight" not in dict(second.named_parameters())  # the pretext head stays behind
     assert "blocks.0.attn.q_proj.weight" in second.loaded
+    with pytest.raises(ValueError, match="multiway=true"):
+        model(weights=state, stage="mlm", multiway=False)
     with pytest.raises(ValueError, match="other sizes"):
         torch.manual_seed(0)
         build_model(VlmoModelConfig(adapter=AdapterConfig(kind="none"), vlmo=VlmoConfig(hidden=16, heads=4)),

@@ -29,5 +29,5 @@ FAMILY = register(FamilySpec(
     flavours={"tiny": "model/vlmo_tiny", "base": "model/vlmo_base", "large": "model/vlmo_large"},
     validate=validate_job,
     adapter_sites="every multiway block (blocks.*, tower fusion): shared attention (attn, out_proj) and "
-                  "each modality's FFN expert (experts.*, fc2)",
+                  "each modality's FFN expert (experts.*, fc2; experts.shared with model.vlmo.multiway=false)",
 ))

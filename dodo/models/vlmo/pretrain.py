@@ -125,6 +125,11 @@ def load_stage_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> li
     skipped (the previous stage's MIM head, this stage's new heads); a shape mismatch is an
     error (another model size). Returns the names loaded."""
     own = model.state_dict()
+    shared = [any(".experts.shared." in k for k in d) for d in (weights, own)]
+    if any(".experts." in k for k in weights) and shared[0] != shared[1]:
+        raise ValueError(f"model.vlmo.init_from: the earlier stage is a {'standard' if shared[0] else 'multiway'} "
+                         f"transformer, this run a {'standard' if shared[1] else 'multiway'} one; set "
+                         f"model.vlmo.multiway={str(not shared[0]).lower()} as that stage")
     bad = [f"{k}: {tuple(v.shape)} there, {tuple(own[k].shape)} here" for k, v in weights.items()
            if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if bad:
