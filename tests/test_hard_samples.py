@@ -171,10 +171,13 @@ def coco(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_hard_sample_job_trains_on_two_ranks_and_checkpoints_its_bank(workdir: Path, coco) -> None:
+    # Two allocations: stop after 20 steps (checkpoint), resume to 40 (the bank comes back).
     dodo("submit", "jobs/clip_hard_samples.yaml", f"data.train_cache={coco['train']}",
          f"data.eval_cache={coco['train']}", f"model.tokenizer={coco['tokenizer']}",
-         cwd=workdir, timeout=600)
+         "train.steps_per_allocation=20", cwd=workdir, timeout=600)
     (run,) = run_dirs(workdir / "runs", "clip_hard_samples")
+    assert not (run / "summary.json").exists()
+    dodo("submit", str(run), cwd=workdir, timeout=600)
     summary = json.loads((run / "summary.json").read_text())
     rows = metrics(run)
     train = [r["train.loss"] for r in rows if "train.loss" in r]
@@ -184,5 +187,6 @@ def test_hard_sample_job_trains_on_two_ranks_and_checkpoints_its_bank(workdir: P
     assert final > first, (first, final)
     ckpt = torch.load(run / "checkpoints" / "step_00000040" / "mp_rank_00_model_states.pt", weights_only=False)
     bank = ckpt["task"]["hard_bank"]
+    # forwards counts every training forward since step 0: 40 only if the resume restored the bank
     assert bank["seen"].float().mean() >= 224 / 240 and bank["forwards"] == 40  # epoch 0: 7 x 32 pairs and math.isfinite(float(bank["d"].sum()))
     assert set(bank["frozen"]) <= {5, 6}  # epochs still ahead at step 40 (7 steps per epoch)
