@@ -1,7 +1,8 @@
 """End to end on real-format data: a 2-rank CLIP job trains on a Karpathy-JSON COCO cache
 (natural captions, 5 per image) with a local tokenizer, and its explicit eval suites score
 retrieval (image-id positives, an OOD Flickr30k set), ImageNet-folder zero-shot, CIFAR kNN and a
-linear probe into summary.json. A suite its data cannot feed is refused at submit."""
+linear probe into summary.json, and no process of the run imports the shapes generator. A suite
+its data cannot feed is refused at submit."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import dodo, run_dirs
+from data_helpers import import_watch, watched_imports
 
 
 @pytest.fixture
@@ -45,9 +47,14 @@ def test_zeroshot_on_unlabelled_data_is_refused_at_submit(workdir: Path, caches)
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_clip_on_real_formats_reports_every_suite(workdir: Path, caches) -> None:
+def test_clip_on_real_formats_reports_every_suite(workdir: Path, caches, tmp_path: Path) -> None:
+    # Every process of the run logs imports of the shapes generator's modules (none allowed).
+    env, log = import_watch(tmp_path / "hook", ("dodo.data.synthetic", "dodo.data.ingest.synthetic",
+                                                "dodo.tasks.shapes"))
     dodo("submit", "jobs/clip_lora.yaml", *_common(caches), _suites(caches), "train.steps=6",
-         "train.micro_batch=8", "train.warmup_steps=1", cwd=workdir, timeout=600)
+         "train.micro_batch=8", "train.warmup_steps=1", cwd=workdir, timeout=600, env=env)
+    processes, imports, text = watched_imports(log)
+    assert processes >= 3 and not imports, text[-4000:]  # submit + 2 ranks ran the hook; no import
     (run,) = run_dirs(workdir / "runs", "clip_lora")
     final = json.loads((run / "summary.json").read_text())
     flat = json.dumps(final)
