@@ -120,9 +120,11 @@ def open_run(run_dir: str) -> tuple[Any, Any, Any]:
     from dodo.rundir import RunDir
     from dodo.train.checkpoint_index import latest
 
+    from dodo.models.registry import family
+
     run = RunDir.open(run_dir)
     cfg = load_job(run.config)
-    if cfg.model.family != "magma":
+    if "generate" not in family(cfg.model.family).eval_hooks:  # the captioning families (MAGMA)
         raise ConfigError(f"{run.path}: model.family={cfg.model.family} does not generate text; "
                           "`dodo generate` is for MAGMA runs (model.family=magma); use `dodo eval` for this run")
     ckpt = latest(run)

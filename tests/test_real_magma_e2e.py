@@ -49,3 +49,17 @@ def test_magma_captioning_on_karpathy_coco(workdir: Path, real_data) -> None:
     last = evals[-1]
     assert last["eval.captioning.coco.cider"] == pytest.approx(last["eval.cider"])
     assert last["eval.captioning.coco.bleu4"] == pytest.approx(last["eval.bleu4"])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_limber_job_on_karpathy_coco(workdir: Path, real_data) -> None:
+    """jobs/limber.yaml on 2 ranks from the real COCO cache: only the linear map trains
+    (image hidden 32 -> d_model 32: 32 * 32 + 32 parameters) and the held-out loss falls."""
+    dodo("submit", "jobs/limber.yaml", *real_magma(real_data), "train.steps=40", "train.eval_every=40",
+         "train.caption_samples=4", cwd=workdir, timeout=600)
+    (run,) = run_dirs(workdir / "runs", "limber")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trainable_parameters"] == 32 * 32 + 32
+    evals = [m for m in metrics(run) if "eval.loss" in m]
+    assert evals[-1]["eval.loss"] < evals[0]["eval.loss"] and "eval.cider" in evals[-1]

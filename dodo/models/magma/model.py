@@ -1,7 +1,8 @@
 """A MAGMA-style prefix LM: image encoder -> prefix projection -> frozen causal LM with adapters.
 
-The image encoder's patch tokens are projected to the LM width (Linear -> Dropout -> LayerNorm)
-and placed before the caption's token embeddings; the LM is trained (through its adapters only)
+The image encoder's patch tokens are projected to the LM width (model.image_prefix: MAGMA's
+Linear -> Dropout -> LayerNorm per token, or LiMBeR's single Linear, per token or from the mean
+feature to k soft prompts) and placed before the caption's token embeddings; the LM is trained (through its adapters only)
 to predict the caption. Labels are ignored on image positions and on padding.
 """
 
@@ -125,8 +126,9 @@ class PooledLinearPrefix(nn.Module):
         self.tokens, self.d_model = tokens, d_model
         self.proj = nn.Linear(enc, tokens * d_model)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, N, enc) -> (B, k, d)
-        return self.proj(features.mean(1)).view(features.shape[0], self.tokens, self.d_model)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, N, enc) or pooled (B, enc) -> (B, k, d)
+        pooled = features if features.dim() == 2 else features.mean(1)  # (B, enc)
+        return self.proj(pooled).view(features.shape[0], self.tokens, self.d_model)
 
 
 def build_prefix(cfg: MagmaModelConfig, enc: int, d_model: int) -> nn.Module:
