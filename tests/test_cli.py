@@ -142,6 +142,7 @@ def test_import_cli_pulls_in_no_torch():
                                   ["submit", "jobs/moe_demo.yaml", "--dry-run"],
                                   ["submit", "jobs/prompt_structured_vitb16.yaml", "--dry-run"],  # dodo.models.prompt.config
                                   ["submit", "jobs/lang_adapter_vitb16.yaml", "--dry-run"],  # dodo.models.lang_adapter.config
+                                  ["submit", "jobs/weak_reprogram_vitb16.yaml", "--dry-run"],  # dodo.models.weak.config
                                   ["submit", "jobs/vlmo_stage_mlm.yaml", "--dry-run"],  # dodo.models.vlmo.config
                                   ["status"], ["sweep", "jobs/demo.yaml", "--grid", "train.lr=1e-4,2e-4", "--dry-run"]])
 def test_submit_dry_run_and_status_import_no_torch(workdir: Path, args):
