@@ -124,9 +124,12 @@ def test_full_finetuning_run_stores_theta0_and_its_wise_curve_moves(workdir: Pat
     summary = json.loads((run / "summary.json").read_text())
     first, last = summary["initial"], summary["final"]
     assert 1.0 < last["weightwatcher.alpha_mean"] < 20.0 and (run / "weightwatcher_layers.json").is_file()
-    ev = dodo("eval", str(run), "--wise", cwd=workdir, timeout=600)
+    ev = dodo("eval", str(run), "--wise", "--weightwatcher", cwd=workdir, timeout=600)
     rows = json.loads((run / "eval" / "wise.json").read_text())["rows"]
     print(ev.stdout)
+    ww = json.loads((run / "eval" / "weightwatcher.json").read_text())  # the same tuned weights as the summary's
+    assert ww["weightwatcher.alpha_mean"] == pytest.approx(last["weightwatcher.alpha_mean"], abs=1e-6)
+    assert (run / "eval" / "weightwatcher_layers.json").is_file()
     assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0]
     for key in ("id.r_mean", "ood.r_mean"):
         assert rows[0][key] == pytest.approx(first[f"eval.{key}"], abs=1e-6)  # alpha 0: the zero-shot model

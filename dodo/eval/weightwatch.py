@@ -19,7 +19,8 @@ weightwatcher_layers.json beside it.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import logging
 import math
 from pathlib import Path
@@ -61,9 +62,9 @@ def _holder(mats: dict[str, torch.Tensor]) -> nn.Module:
 def fit_alphas(mats: dict[str, torch.Tensor], min_evals: int = 8) -> list[dict[str, Any]]:
     """Per matrix: {"layer", "shape", "alpha", "xmin", "num_pl_spikes"}; matrices with fewer
     than ``min_evals`` eigenvalues (min(out, in)) are skipped by the package."""
-    import weightwatcher as ww
-
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)  # its per-layer progress chatter
+    with contextlib.redirect_stdout(io.StringIO()):  # "PyTorch is available but CUDA is not ..." at import
+        import weightwatcher as ww
     names = list(mats)
     if not names:
         return []
