@@ -156,6 +156,32 @@ def test_bank_freezes_epoch_weights_lag_steps_early_and_round_trips() -> None:
         DifficultyBank(17, cfg, 4).load_state_dict(bank.state_dict())
 
 
+def _gather_rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    bank = DifficultyBank(8, HardSamplesConfig(enabled=True, momentum=0.5), batches_per_epoch=4)
+    img, txt = _unit(3, 4, 10 + rank), _unit(3, 4, 20 + rank)
+    index = torch.tensor([[0, 1, 2], [2, 5, 6]][rank])  # pair 2 on both ranks: rank 0's value first
+    bank.weighted_loss(img, txt, 5.0, None, index)
+    torch.save({"bank": bank.state_dict(), "loss": per_pair_info_nce(img, txt, 5.0)[0]}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_bank_updates_are_gathered_so_every_rank_holds_the_same_bank(tmp_path: Path) -> None:
+    torch.multiprocessing.spawn(_gather_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["bank"]["d"], r1["bank"]["d"]) and torch.equal(r0["bank"]["seen"], r1["bank"]["seen"])
+    l0, l1 = r0["loss"].double(), r1["loss"].double()
+    want = torch.zeros(8, dtype=torch.float64)
+    want[[0, 1]] = l0[:2]
+    want[2] = 0.5 * l0[2] + 0.5 * l1[0]  # first sight from rank 0, then rank 1's update
+    want[[5, 6]] = l1[1:]
+    torch.testing.assert_close(r0["bank"]["d"], want)
+    assert r0["bank"]["seen"].tolist() == [True, True, True, False, False, True, True, False]
+
+
 # ---------------------------------------------------------------- the tiny job, end to end
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def write_bert(root: Path, texts: list[str]) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    from data_helpers import make_cache, write_cifar10, write_word_tokenizer
+    from data_helpers import make_cache, write_cifar10, write_karpathy, write_word_tokenizer
 
     root = tmp_path_factory.mktemp("lang")
     data = pairs()
@@ -69,11 +69,19 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (root / "cifar_de.txt").write_text("\n".join(CIFAR_DE) + "\n", encoding="utf-8")
     (root / "templates_de.txt").write_text("\n".join(TEMPLATES_DE) + "\n", encoding="utf-8")
     german = [p["tgt"] for p in data] + CIFAR_DE + [t.format("") for t in TEMPLATES_DE]
+    # Karpathy-format images with German captions (2 each), for target-language caption retrieval.
+    js, imgs = write_karpathy(root / "src_de", 20, 2, "coco", size=32)
+    karpathy = json.loads(js.read_text())
+    for n, sentence in enumerate(s for image in karpathy["images"] for s in image["sentences"]):
+        sentence["raw"] = data[n % len(data)]["tgt"] + "."
+        sentence["tokens"] = data[n % len(data)]["tgt"].lower().split()
+    js.write_text(json.dumps(karpathy, ensure_ascii=False), encoding="utf-8")
     return {"pairs": make_cache(jsonl, "parallel", root / "parallel_en_de"),
             "bert": write_bert(root / "bert_de", german),
             "tokenizer": write_word_tokenizer(root / "tokenizer.json", [p["src"] for p in data]),
             "cifar": make_cache(write_cifar10(root / "src", per_batch=4, test=20), "cifar", root / "cifar_test",
                                 split="test"),
+            "coco_de": make_cache(js, "karpathy", root / "coco_de", images=str(imgs), split="train,restval,val,test"),
             "classnames": root / "cifar_de.txt", "templates": root / "templates_de.txt", "root": root}
 
 
@@ -180,7 +188,8 @@ def test_submit_refuses_a_language_adapter_without_parallel_data(workdir: Path, 
 @pytest.mark.multiprocess
 def test_lang_adapter_job_trains_on_two_ranks(workdir: Path, world) -> None:
     suites = (f"eval.suites=[{{kind: zeroshot, datasets: [{{name: cifar10_de, cache: '{world['cifar']}', "
-              f"classnames: '{world['classnames']}', templates: '{world['templates']}'}}]}}]")
+              f"classnames: '{world['classnames']}', templates: '{world['templates']}'}}]}}, "
+              f"{{kind: retrieval, datasets: [{{name: coco_de, cache: '{world['coco_de']}'}}]}}]")
     dodo("submit", "jobs/lang_adapter.yaml", f"model.lang_adapter.encoder_path={world['bert']}",
          f"model.tokenizer={world['tokenizer']}", f"data.train_cache={world['pairs']}", suites,
          cwd=workdir, timeout=600)
@@ -190,5 +199,6 @@ def test_lang_adapter_job_trains_on_two_ranks(workdir: Path, world) -> None:
     assert final["eval.loss"] < 0.5 * first["eval.loss"], (first, final)
     assert final["eval.pair.r_mean"] > first["eval.pair.r_mean"] + 0.1, (first, final)
     assert 0 <= final["eval.zeroshot.cifar10_de.top1"] <= 1
+    assert 0 <= final["eval.retrieval.coco_de.r_mean"] <= 1  # German captions through the adapter
     train = [r["train.loss"] for r in metrics(run) if "train.loss" in r]
     assert train[-1] < train[0]
