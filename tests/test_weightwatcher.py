@@ -69,3 +69,16 @@ def test_model_layers_merged_adapters_and_report(tmp_path):
     assert [r["layer"] for r in table] == ["0", "2.base"] and found["weightwatcher.layers"] == 2.0
     assert found["weightwatcher.alpha_mean"] == pytest.approx(sum(merged.values()) / 2) and "alpha_mean" in lines[0]
     assert math.isnan(metrics([])["weightwatcher.alpha_mean"])
+
+
+def test_missing_package_is_refused_at_config_time(monkeypatch):
+    import importlib.util
+
+    from dodo.config.errors import ConfigValueError
+    from dodo.eval.config import EvalConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "weightwatcher" else real(name, *a))
+    with pytest.raises(ConfigValueError, match="pip install weightwatcher"):
+        EvalConfig(weightwatcher=True)
+    EvalConfig(weightwatcher=False)  # off: never looked up

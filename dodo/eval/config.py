@@ -118,3 +118,8 @@ class EvalConfig:
         check(self.knn_bank > 0, "knn_bank", f"must be > 0, got {self.knn_bank}")
         check(all(0 <= a <= 1 for a in self.wise_alphas) and self.wise_alphas, "wise_alphas",
               f"must be numbers in [0, 1], got {self.wise_alphas}")
+        if self.weightwatcher:  # found now, not after the training it would end
+            import importlib.util
+            check(importlib.util.find_spec("weightwatcher") is not None, "weightwatcher",
+                  "is true, but the weightwatcher package is not installed; `pip install weightwatcher` "
+                  "(setup.cfg lists it) or set eval.weightwatcher=false")
