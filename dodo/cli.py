@@ -539,6 +539,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def cmd_chain(args: argparse.Namespace) -> int:
     from dodo.cluster import chain as chains
+    from dodo.cluster import chain_submit as submit
     from dodo.cluster.backend import BackendError, detect_backend, get_backend
 
     profile = args.cluster if args.cluster not in (None, "auto") else None
@@ -559,14 +560,14 @@ def cmd_chain(args: argparse.Namespace) -> int:
         return 0
     chain, configs = chains.create(args.chain, args.overrides, profile, _check_stage)
     if backend.name == "local":
-        code, problems = chains.run_local(chain, configs, backend)
+        code, problems = submit.run_local(chain, configs, backend)
         for line in problems:
             print(f"dodo: chain {chain.name}: {line}", file=sys.stderr)
         print(f"dodo: chain {chain.path}: {len(chain.instances) - len(problems)} of {len(chain.instances)} "
               f"stage runs completed\n  collate it with: dodo table {chain.path} --layout methods")
         return code
     try:
-        ids = chains.submit_batch(chain, configs, backend)
+        ids = submit.submit_batch(chain, configs, backend)
     except BackendError as err:
         chains.remove(chain)
         _remove_empty(chain.path.parent, chain.path.parent.parent)

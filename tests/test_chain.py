@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REPO, TINY, dodo
 from dodo.cluster import chain as chains
+from dodo.cluster import chain_submit
 from dodo.cluster.lsf import LsfBackend
 from dodo.cluster.slurm import SlurmBackend
 from dodo.config.errors import ConfigError
@@ -69,6 +70,9 @@ def test_run_dirs_made_up_front_and_resolved_per_seed(tmp_path: Path):
     assert chain.instances[3].deps == ["dense_s1"] and moe.name == chain.instances[3].job_name
     assert (chain.path / "dense_s1" / "config.yaml").is_file() and moe.train.steps == 3
     assert chains.Chain.open(chain.path).instances == chain.instances
+    other = write_chain(tmp_path, UPCYCLE + "    seeds: [7]\n    seed_key: model.init_seed\n")
+    _, (dense, moe_cfg) = chains.create(str(other), [f"runs_dir={tmp_path}/runs"], None)
+    assert dense.model.init_seed == moe_cfg.model.init_seed == 7 and dense.train.seed == 0
     status = dodo("status", str(chain.path), cwd=tmp_path).stdout
     assert "chain upcycle/chain_" in status and ": dense -> moe x 2 seeds (not submitted)" in status
     assert "  moe_s1" in status
@@ -104,7 +108,7 @@ def test_lsf_and_slurm_submission_plans(tmp_path: Path):
 
     def fixed(text: str) -> str:
         return text.replace(str(chain.path), "/gpfs/runs/masked/CHAIN").replace(token, "TOKEN")
-    lsf = fixed(chains.render_plan(chain, LsfBackend()))
+    lsf = fixed(chain_submit.render_plan(chain, LsfBackend()))
     assert ("bsub -w 'done(\"masked.mim.TOKEN\") && done(\"masked.mlm.TOKEN\")' -ti "
             "< /gpfs/runs/masked/CHAIN/transfer/job/lsf.bsub") in lsf
     check_golden("chain_summit.sh", lsf)
@@ -115,10 +119,10 @@ def test_lsf_and_slurm_submission_plans(tmp_path: Path):
     stage = fixed(render_bsub(transfer, paths([str(chain.path / "transfer")], str(chain.path / "transfer/job"))))
     assert "#BSUB -J masked.transfer.TOKEN" in stage
     check_golden("chain_summit_transfer.bsub", stage)
-    slurm = fixed(chains.render_plan(chain, SlurmBackend()))
+    slurm = fixed(chain_submit.render_plan(chain, SlurmBackend()))
     assert ("transfer=$(sbatch --parsable --dependency=afterok:${mim}:${mlm} --kill-on-invalid-dep=yes "
             "/gpfs/runs/masked/CHAIN/transfer/job/slurm.sbatch)") in slurm
-    assert chains.dependency_options("slurm", [("41", "a")]) == ["--dependency=afterok:41",
+    assert chain_submit.dependency_options("slurm", [("41", "a")]) == ["--dependency=afterok:41",
                                                                   "--kill-on-invalid-dep=yes"]
 
 

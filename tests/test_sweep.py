@@ -173,3 +173,15 @@ def test_in_training_retrieval_keys_and_named_points(tmp_path: Path):
     assert header[3:] == ["ID r_mean", "OOD r_mean"] and rows[0][3:] == ["50.0 ± 0.0", "27.5 ± 3.5"]
     with pytest.raises(FileNotFoundError, match="no run .* has metrics for --layout idood --metric top5"):
         tbl.method_table(sweep, "idood", metric="top5")
+
+
+def test_rows_group_over_any_seed_key(tmp_path: Path):
+    """Without dropout train.seed changes nothing; model.init_seed (random-init towers) and
+    data.seed (data order) are seeds too: points that differ only in them share a row."""
+    sweep, _ = sweeps.create(DEMO, [f"runs_dir={tmp_path}/runs"], ["model.init_seed=0,1", "data.seed=5,6"], None,
+                             ["a: train.lr=1e-3", "b: train.lr=2e-3"])
+    for i, run in enumerate(sweep.runs()):
+        finish(run, {"eval.loss": float(i)}, 10, record_tags=False)
+    header, rows = tbl.method_table(sweep, "methods")
+    assert [r[:2] for r in rows] == [["a", "4"], ["b", "4"]] and header[3:] == ["eval.loss"]
+    assert rows[0][3] == "1.5 ± 1.291" and rows[1][3] == "5.5 ± 1.291"

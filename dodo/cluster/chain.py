@@ -2,7 +2,8 @@
 with scheduler dependencies (pretext stages then transfer; upcycling after a dense run).
 
     name: masked                       # optional (default: the file's stem)
-    seeds: [0, 1, 2]                   # optional: the whole chain once per train.seed
+    seeds: [0, 1, 2]                   # optional: the whole chain once per seed
+    seed_key: train.seed               # optional: the key each seed sets (model.init_seed, data.seed)
     overrides: {train.steps: 200}      # optional: every stage (a mapping or a list of k=v)
     stages:
       mim: {job: jobs/masked_adapters_mim.yaml}
@@ -31,7 +32,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shlex
 import shutil
 import tempfile
 import time
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from dodo.cluster.table import SEED_KEYS
 from dodo.config.errors import ConfigError
 from dodo.config.loader import dump_config, load_job
 from dodo.config.schema import JobConfig
@@ -47,6 +48,7 @@ from dodo.rundir import RunDir, read_json, write_json_atomic
 REF = re.compile(r"\$\{([^}]*)\}")
 STAGE_REF = re.compile(r"stages\.([A-Za-z0-9_-]+)\.run_dir")
 NAME_OK = re.compile(r"[A-Za-z0-9_-]+")
+
 
 
 @dataclass
@@ -61,14 +63,15 @@ class Stage:
 class Instance:
     """One run of the chain: a stage at one seed (seed None: the job's own)."""
     stage: str
-    seed: Any
+    seed: Any  # [seed_key, value] (None: the job's own seed)
     dir: str  # its folder in the chain folder: <stage> or <stage>_s<seed>
     deps: list[str] = field(default_factory=list)  # the instance dirs it waits for
     job_name: str = ""  # the config's name: the scheduler's job name (LSF waits on it)
 
 
 def read_chain(path: str) -> tuple[str, list[Any], list[tuple[str, Any]], list[Stage]]:
-    """(name, seeds, shared overrides, stages) of a chain file; ConfigError for bad input."""
+    """(name, seeds, shared overrides, stages) of a chain file; ConfigError for bad input. The
+    seeds come back as (seed_key, value) pairs, the shared overrides as (key, value) pairs."""
     import yaml
 
     file = Path(path)
@@ -81,10 +84,13 @@ def read_chain(path: str) -> tuple[str, list[Any], list[tuple[str, Any]], list[S
     if not isinstance(data, Mapping) or not isinstance(data.get("stages"), Mapping) or not data["stages"]:
         raise ConfigError(f"chain file {path}: expected a mapping with `stages:`, a mapping of stage name -> "
                           "{job: jobs/X.yaml, overrides: {...}}")
-    unknown = set(data) - {"name", "seeds", "overrides", "stages"}
+    unknown = set(data) - {"name", "seeds", "seed_key", "overrides", "stages"}
     if unknown:
         raise ConfigError(f"chain file {path}: unknown key {sorted(unknown)[0]!r}; the keys are name, seeds, "
-                          "overrides, stages")
+                          "seed_key, overrides, stages")
+    seed_key = data.get("seed_key", "train.seed")
+    if seed_key not in SEED_KEYS:
+        raise ConfigError(f"chain file {path}: seed_key must be one of {', '.join(SEED_KEYS)}, got {seed_key!r}")
     name = str(data.get("name") or file.stem)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"chain file {path}: name {name!r} must be letters, digits, '-', '_' or '.'")
@@ -120,7 +126,7 @@ def read_chain(path: str) -> tuple[str, list[Any], list[tuple[str, Any]], list[S
             raise ConfigError(f"{where}: after must list stages named before it ({', '.join(earlier) or 'none'})")
         stages.append(Stage(str(stage_name), _find_job(spec["job"], file), overrides,
                             list(dict.fromkeys(deps + list(after)))))
-    return name, seeds, shared, stages
+    return name, [(seed_key, s) for s in seeds], shared, stages
 
 
 def _overrides(raw: Any, where: str) -> list[tuple[str, Any]]:
@@ -173,8 +179,8 @@ def instances(stages: list[Stage], seeds: list[Any], folder: Path, name: str, to
     out = []
     for seed in seeds or [None]:
         for stage in stages:
-            suffix = f"_s{seed}" if seed is not None else ""
-            job_name = f"{name}.{stage.name}" + (f".s{seed}" if seed is not None else "") + f".{token}"
+            suffix = f"_s{seed[1]}" if seed is not None else ""
+            job_name = f"{name}.{stage.name}" + (f".s{seed[1]}" if seed is not None else "") + f".{token}"
             out.append(Instance(stage.name, seed, stage.name + suffix, [d + suffix for d in stage.deps], job_name))
     return out
 
@@ -194,7 +200,7 @@ def build(chain_file: str, cli_overrides: list[str], profile: str | None, folder
         suffix = inst.dir[len(inst.stage):]
         dirs = {d: str(folder / (d + suffix)) for d in by_name}
         texts = [_text(k, v) for k, v in shared] + [_text(k, _resolve(v, dirs)) for k, v in stage.overrides]
-        fixed = [f"name={inst.job_name}"] + ([f"train.seed={inst.seed}"] if inst.seed is not None else [])
+        fixed = [f"name={inst.job_name}"] + ([f"{inst.seed[0]}={inst.seed[1]}"] if inst.seed is not None else [])
         where = f"chain stage {inst.dir} ({stage.job})"
         try:
             cfg = load_job(stage.job, [*texts, *cli_overrides, *fixed], cluster_profile=profile)
@@ -232,13 +238,13 @@ class Chain:
         """For `dodo table CHAIN`: one row per stage, seeds grouped."""
         from dodo.cluster.table import Entry
 
-        return [Entry(i.dir, i.stage, i.seed, self.run(i), {"stage": i.stage, **({"train.seed": i.seed}
-                      if i.seed is not None else {})}) for i in self.instances]
+        return [Entry(i.dir, i.stage, i.seed and i.seed[1], self.run(i),
+                      {"stage": i.stage, **(dict([i.seed]) if i.seed is not None else {})}) for i in self.instances]
 
     def title(self) -> str:
         data = read_json(self.file, {})
         stages = list(dict.fromkeys(i.stage for i in self.instances))
-        seeds = {i.seed for i in self.instances} - {None}
+        seeds = {tuple(i.seed) for i in self.instances if i.seed is not None}
         return (f"chain {self.path.parent.name}/{self.path.name}: {' -> '.join(stages)}"
                 + (f" x {len(seeds)} seeds" if seeds else "") + f" ({data.get('backend', 'not submitted')})")
 
@@ -254,6 +260,8 @@ class Chain:
         for dep in inst.deps:
             state = state_of(self.run(by_dir[dep]))
             if state.startswith(("failed", "cancelled", "stopped", "blocked")):
+                from dodo.cluster.chain_submit import blocked_reason
+
                 return blocked_reason(self.run(by_dir[dep]), dep, state)
         return ""
 
@@ -264,14 +272,9 @@ class Chain:
         if data is None:
             raise FileNotFoundError(f"{path} is not a dodo chain (no chain.json); pass a folder printed by "
                                     "`dodo chain`, e.g. runs/<name>/chain_<id>")
-        return cls(folder, data["name"], [Instance(**i) for i in data["instances"]])
-
-
-def blocked_reason(dep_run: RunDir, dep: str, state: str) -> str:
-    log = dep_run.rank_log(0)
-    said = dep_run.status().get("reason")
-    return (f"not run: stage {dep} ended {state}" + (f" ({' '.join(str(said).split())[:160]})" if said else "")
-            + f"; its log: {log}")
+        insts = [Instance(**{**i, "seed": tuple(i["seed"]) if i["seed"] is not None else None})
+                 for i in data["instances"]]
+        return cls(folder, data["name"], insts)
 
 
 def create(chain_file: str, cli_overrides: list[str], profile: str | None,
@@ -297,7 +300,7 @@ def create(chain_file: str, cli_overrides: list[str], profile: str | None,
         shutil.copyfile(chain_file, staging / "chain.yaml")
         write_json_atomic(staging / "chain.json", {
             "name": name, "file": str(chain_file), "overrides": list(cli_overrides), "created": time.time(),
-            "seeds": seeds, "instances": [json.loads(json.dumps(i.__dict__)) for i in insts]})
+            "seeds": [list(x) for x in seeds], "instances": [json.loads(json.dumps(i.__dict__)) for i in insts]})
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -317,89 +320,3 @@ def first_config(chain_file: str, cli_overrides: list[str], profile: str | None)
 
 def remove(chain: Chain) -> None:
     shutil.rmtree(chain.path, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- submission
-
-
-def dependency_options(backend: str, deps: list[tuple[str, str]]) -> list[str]:
-    """Submit options that make a job wait for ``deps`` [(job id, job name)] to succeed."""
-    if not deps:
-        return []
-    if backend == "slurm":
-        return ["--dependency=afterok:" + ":".join(job_id for job_id, _ in deps), "--kill-on-invalid-dep=yes"]
-    if backend == "lsf":
-        return ["-w", " && ".join(f'done("{name}")' for _, name in deps), "-ti"]
-    raise ValueError(f"no scheduler dependencies for backend {backend}")
-
-
-def render_plan(chain: Chain, backend: Any) -> str:
-    """The submissions `dodo chain` makes, as a shell script a user could run by hand (job/submit.sh)."""
-    var = {i.dir: re.sub(r"\W", "_", i.dir) for i in chain.instances}
-    lines = ["#!/bin/bash", f"# dodo chain {chain.name}: the submissions `dodo chain` made, in order; rendered",
-             "# by dodo/cluster/chain.py. Each stage waits for the stages it takes run directories from.",
-             "set -euo pipefail"]
-    for inst in chain.instances:
-        script = chain.run(inst).job / backend.script_name
-        deps = [(f"${{{var[d]}}}", next(i.job_name for i in chain.instances if i.dir == d)) for d in inst.deps]
-        opts = " ".join(shlex.quote(o) if not o.startswith("--dependency") else o
-                        for o in dependency_options(backend.name, deps))
-        if backend.name == "slurm":
-            lines.append(f"{var[inst.dir]}=$(sbatch --parsable {opts + ' ' if opts else ''}{script})"
-                         f"  # {inst.job_name}")
-        else:
-            lines.append(f"bsub {opts + ' ' if opts else ''}< {script}  # -J {inst.job_name}")
-    return "\n".join(lines) + "\n"
-
-
-def submit_batch(chain: Chain, configs: list[JobConfig], backend: Any) -> list[str]:
-    """Each stage in order, waiting on its inputs; returns the job ids. On a refusal the jobs
-    already submitted are cancelled (BackendError propagates; the caller removes the folder)."""
-    from dodo.cluster.backend import BackendError
-
-    ids: dict[str, str] = {}
-    names = {i.dir: i.job_name for i in chain.instances}
-    (chain.path / "job" / "submit.sh").write_text(render_plan(chain, backend))
-    try:
-        for inst, cfg in zip(chain.instances, configs):
-            deps = [(ids[d], names[d]) for d in inst.deps]
-            (record,) = backend.submit_array([chain.run(inst)], cfg, chain.run(inst).job,
-                                             extra=dependency_options(backend.name, deps))
-            ids[inst.dir] = record.job_id
-    except BackendError:
-        for job_id in ids.values():
-            from dodo.cluster.batch import run_tool
-
-            run_tool([backend.cancel_tool, job_id])
-        raise
-    data = read_json(chain.file, {})
-    data.update(backend=backend.name, job_ids=ids)
-    write_json_atomic(chain.file, data)
-    return [ids[i.dir] for i in chain.instances]
-
-
-def run_local(chain: Chain, configs: list[JobConfig], backend: Any) -> tuple[int, list[str]]:
-    """Stages in order in the foreground; a stage whose inputs did not complete is not started.
-    Returns (the worst exit status, one line per stage that failed or was not run)."""
-    data = read_json(chain.file, {})
-    data.update(backend="local")
-    write_json_atomic(chain.file, data)
-    by_dir = {i.dir: i for i in chain.instances}
-    worst, problems = 0, []
-    for inst, cfg in zip(chain.instances, configs):
-        run = chain.run(inst)
-        bad = [d for d in inst.deps if chain.run(by_dir[d]).status().get("state") != "completed"]
-        if bad:
-            dep_run = chain.run(by_dir[bad[0]])
-            reason = blocked_reason(dep_run, bad[0], dep_run.status().get("state", "unknown"))
-            run.update_status(state="blocked", reason=reason)
-            problems.append(f"stage {inst.dir}: {reason}")
-            worst = max(worst, 1)
-            continue
-        print(f"dodo: chain {chain.name}: stage {inst.dir} ({run.path})", flush=True)
-        _, code = backend.submit(run, cfg, foreground=True)
-        if run.status().get("state") != "completed":
-            problems.append(f"stage {inst.dir} ended {run.status().get('state', 'unknown')} (exit {code}); "
-                            f"its log: {run.rank_log(0)}")
-            worst = max(worst, code or 1)
-    return worst, problems

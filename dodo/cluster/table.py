@@ -1,8 +1,8 @@
 """`dodo table`: a sweep's (or a chain's) runs collated, laid out as the seeds' papers do.
 
     dodo table SWEEP                      one row per point: its values, state, step, every metric
-    dodo table SWEEP --layout methods     one row per method; points that differ only in
-                                          train.seed are one row, each cell mean ± std over seeds
+    dodo table SWEEP --layout methods     one row per method; points that differ only in their
+                                          seed (SEED_KEYS) are one row, each cell mean ± std
     dodo table SWEEP --layout retrieval   method rows; T->I and I->T R@1/5/10 per retrieval set
     dodo table SWEEP --layout idood --metric top1
                                           method rows; the metric on each ID dataset, each OOD
@@ -30,7 +30,11 @@ from dodo.config.metric_keys import (HELDOUT_KIND, OOD_MEAN, column_label, datas
 from dodo.rundir import RunDir, read_json, write_atomic
 
 LAYOUTS = ("points", "methods", "retrieval", "idood")
-SEED = "train.seed"
+# Keys whose values are "seeds": points that differ only in them are one method row. train.seed
+# seeds the training RNG (dropout); data.seed the data order (and the synthetic data);
+# model.init_seed the random-init weights (tiny random-init towers: the frozen base and the
+# adapters' initialisation). Without dropout only the last two make runs differ.
+SEED_KEYS = ("train.seed", "data.seed", "model.init_seed")
 PERCENT = re.compile(r"(^|_)(r\d+|r_mean|top\d+|accuracy|acc)$")
 # The two retrieval directions: suite keys (t2i/i2t) and the in-training ones (ir = t2i, tr = i2t).
 DIRECTIONS = (("T→I", ("t2i_r", "ir_r")), ("I→T", ("i2t_r", "tr_r")))
@@ -68,11 +72,12 @@ def entries(collection: Any) -> list[Entry]:
         return collection.entries()
     out = []
     for point, run in zip(collection.points, collection.runs()):
-        rest = {k: v for k, v in point.values.items() if k != SEED}
+        rest = {k: v for k, v in point.values.items() if k not in SEED_KEYS}
         shown = " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in rest.items()
                          if not point.name or k not in _listed_keys(collection, point))
         method = " ".join(x for x in (point.name, shown) if x) or "(the job as it is)"
-        out.append(Entry(point.dir, method, point.values.get(SEED), run, point.values))
+        seed = tuple(point.values.get(k) for k in SEED_KEYS if k in point.values)
+        out.append(Entry(point.dir, method, seed, run, point.values))
     return out
 
 
