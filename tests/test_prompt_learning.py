@@ -212,6 +212,10 @@ def caches(tmp_path_factory) -> dict[str, Path]:
         rows.append(f"img{i}.jpg,a photo of a dog on the beach")
     (loose / "captions.csv").write_text("file,caption\n" + "\n".join(rows) + "\n")
     out["unlabelled"] = make_cache(loose / "captions.csv", "folder", root / "unlabelled", images=str(loose))
+    # labelled by index only (img2dataset .cls): classes named "0", "1", "2"
+    from data_helpers import write_img2dataset
+    out["index_labels"] = make_cache(write_img2dataset(root / "src" / "i2d", 12, labels=True), "webdataset",
+                                     root / "index_labels")
     return out
 
 
@@ -233,6 +237,9 @@ def test_refusals_at_submit(workdir: Path, caches) -> None:
     assert "model.prompt.shots" in line and "class 0 ('tench')" in line and "only 16 images" in line, line
     line = _refused(workdir, "jobs/prompt_coop.yaml", *_data(caches), f"data.train_cache={caches['unlabelled']}")
     assert "no labels" in line, line
+    line = _refused(workdir, "jobs/prompt_coop.yaml", *_data(caches), f"data.train_cache={caches['index_labels']}",
+                    "model.prompt.shots=2")
+    assert "model.prompt.classnames" in line and "only by index" in line, line
     line = _refused(workdir, "jobs/prompt_structured.yaml", *_data(caches), "model.prompt.shots=1",
                     "train.micro_batch=4")
     assert "train.micro_batch" in line, line

@@ -92,6 +92,11 @@ def check_fewshot_data(train_cache: str, eval_cache: str, p: Any, global_batch: 
         names = cn.classnames(p.classnames, list(m.classnames))
     except cn.ClassListError as err:
         return "model.prompt.classnames", f"{err} (prompt learning builds its prompts from class names); {fix}"
+    if not p.classnames and all(n.strip().isdigit() for n in names):  # e.g. webdataset .cls labels
+        return "model.prompt.classnames", (f"is unset and {train_cache} names its classes only by index "
+                                          f"({', '.join(names[:3])}, ...), but prompts are built from class "
+                                          "names; set model.prompt.classnames to clip_benchmark:<dataset> or a "
+                                          "file with one name per line")
     counts = class_counts(train_cache)
     if len(names) != len(counts):
         return "model.prompt.classnames", (f"gives {len(names)} class names, but {train_cache} has "

@@ -181,7 +181,8 @@ class PromptCLIP(nn.Module):
         return F.normalize(feats, dim=-1), vm.post_layernorm(h[:, 1:])
 
     def name_ids(self, names: Sequence[str]) -> list[list[int]]:
-        return [self.ids(n) for n in names]
+        cache = self.__dict__.setdefault("_name_cache", {})  # name -> token ids (evals re-ask every batch)
+        return [cache[n] if n in cache else cache.setdefault(n, self.ids(n)) for n in names]
 
     def logits(self, images: torch.Tensor, names: Sequence[Sequence[int]],
                classes: Sequence[Optional[int]]) -> torch.Tensor:
