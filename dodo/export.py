@@ -25,12 +25,17 @@ from dodo.config.errors import ConfigError
 FORMATS = ("peft", "merged")
 
 
-def adapted_hf_models(model) -> dict[str, object]:  # noqa: ANN001 - an nn.Module, torch imported late
-    """name -> every transformers PreTrainedModel directly under ``model`` that holds dodo adapters."""
+def adapted_hf_models(model, tuned: bool = False) -> dict[str, object]:  # noqa: ANN001 - an nn.Module, torch imported late
+    """name -> every transformers PreTrainedModel directly under ``model`` that holds dodo adapters;
+    with ``tuned``, also those whose own weights trained (full fine-tuning, trainable heads):
+    their merged export is the tuned model itself."""
     from transformers import PreTrainedModel
     out = {}
     for name, child in model.named_children():
-        if isinstance(child, PreTrainedModel) and any(getattr(m, "is_dodo_adapter", False) for m in child.modules()):
+        if not isinstance(child, PreTrainedModel):
+            continue
+        if any(getattr(m, "is_dodo_adapter", False) for m in child.modules()) or (
+                tuned and any(p.requires_grad for p in child.parameters())):
             out[name] = child
     return out
 
@@ -61,10 +66,11 @@ def export_run(run_dir: str, fmt: str, out: str) -> list[Path]:
     _, unexpected = task.model.load_state_dict(state, strict=False)
     if unexpected:
         raise ConfigError(f"{ckpt.path} does not fit the model of {run.config}: unexpected {sorted(unexpected)[:3]}")
-    models = adapted_hf_models(task.model)
+    models = adapted_hf_models(task.model, tuned=fmt == "merged")
     if not models:
+        hint = "" if fmt == "merged" else " (a fully fine-tuned run exports with --format merged)"
         raise ConfigError(f"{run.path}: model.adapter.kind={cfg.model.adapter.kind} placed no adapters in a "
-                          "Hugging Face model; nothing to export")
+                          f"Hugging Face model and trained none of its weights; nothing to export{hint}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -74,7 +80,7 @@ def export_run(run_dir: str, fmt: str, out: str) -> list[Path]:
                 task_type = "CAUSAL_LM" if name == "lm" else "FEATURE_EXTRACTION"
                 export_peft(module, tmp / name, base_model_name_or_path=_base_path(cfg, name), task_type=task_type)
             else:
-                export_merged(module, tmp / name)
+                export_merged(module, tmp / name, plain_ok=True)  # full fine-tuning: the tuned weights
         if target.exists():
             target.rmdir()
         os.replace(tmp, target)

@@ -64,3 +64,32 @@ def test_export_peft_and_merged(workdir: Path, monkeypatch: pytest.MonkeyPatch):
     bad = dodo("export", str(run), "--format", "peft", "--out", str(out), cwd=workdir, check=False, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not an empty directory" in bad.stderr
 
+
+
+def test_merged_export_of_a_fully_fine_tuned_model(tmp_path: Path):
+    """Full fine-tuning places no adapters: `--format merged` writes the tuned model itself (the
+    stand-in "pretrained CLIP" of docs/results.md is made this way); PEFT format still refuses."""
+    from torch import nn
+    from transformers import CLIPModel, CLIPConfig
+
+    from dodo.adapters.peft_io import PeftFormatError, export_merged, merged_copy
+    from dodo.export import adapted_hf_models
+
+    cfg = CLIPConfig(text_config=dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=8),
+                     vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2), projection_dim=8)
+    holder = nn.Module()
+    holder.clip = CLIPModel(cfg)
+    holder.clip.requires_grad_(False)
+    assert adapted_hf_models(holder, tuned=True) == {}  # frozen and adapter-free: nothing to export
+    holder.clip.text_projection.weight.requires_grad_(True)
+    with torch.no_grad():
+        holder.clip.text_projection.weight.add_(1.0)  # "trained"
+    assert list(adapted_hf_models(holder, tuned=True)) == ["clip"] and adapted_hf_models(holder) == {}
+    with pytest.raises(PeftFormatError, match="no adapters"):
+        merged_copy(holder.clip)
+    export_merged(holder.clip, tmp_path / "clip", plain_ok=True)
+    loaded = CLIPModel.from_pretrained(str(tmp_path / "clip"))
+    for (name, want), got in zip(holder.clip.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(got, want), name

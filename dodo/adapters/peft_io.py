@@ -147,13 +147,14 @@ def load_peft(root: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
     return done
 
 
-def merged_copy(root: nn.Module) -> nn.Module:
+def merged_copy(root: nn.Module, plain_ok: bool = False) -> nn.Module:
     """root with every mergeable adapter folded into its base weights and the wrappers removed,
-    ready for ``save_pretrained``. Adapters that cannot be merged are refused (one line)."""
+    ready for ``save_pretrained``. Adapters that cannot be merged are refused (one line).
+    ``plain_ok``: a model without adapters (fully fine-tuned) is returned as it is."""
     import copy
     model = copy.deepcopy(root)
     adapters = _adapters(model)
-    if not adapters:
+    if not adapters and not plain_ok:
         raise PeftFormatError("the model has no adapters to merge")
     for name, m in adapters.items():
         if not hasattr(m, "merge") or not hasattr(m, "base"):
@@ -165,9 +166,10 @@ def merged_copy(root: nn.Module) -> nn.Module:
     return model
 
 
-def export_merged(root: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """A Hugging Face directory (save_pretrained) of the base model with the adapters folded in."""
-    model = merged_copy(root)
+def export_merged(root: nn.Module, out_dir: str | os.PathLike, plain_ok: bool = False) -> Path:
+    """A Hugging Face directory (save_pretrained) of the base model with the adapters folded in
+    (``plain_ok``: or of a fully fine-tuned model without adapters)."""
+    model = merged_copy(root, plain_ok)
     if not hasattr(model, "save_pretrained"):
         raise PeftFormatError(f"{type(root).__name__} is not a Hugging Face model; a merged export "
                               "writes a save_pretrained directory")
