@@ -146,26 +146,30 @@ def method_table(collection: Any, layout: str = "methods", metric: str = "", met
 
 
 def retrieval_columns(keys: set[str], dataset: str = "") -> list[tuple[str, str]]:
-    """(label, key) for T->I then I->T R@k of each retrieval source: suite datasets, else the
-    in-training held-out splits (id, ood)."""
+    """(label, key) for T->I then I->T R@k of each retrieval source: the suites' datasets (the
+    retrieval suite's, or any suite reporting recall both ways, e.g. shapes), else the in-training
+    held-out splits (id, ood). ``dataset`` keeps one dataset (or one suite kind)."""
+    stems = tuple(stem for _, pair in DIRECTIONS for stem in pair)
     sources: dict[tuple[str, str], set[str]] = {}
     for key in keys:
         parts = split_any(key)
-        if parts and parts[0] in ("retrieval", HELDOUT_KIND):
+        if parts and parts[1] != OOD_MEAN and parts[2].startswith(stems):
             sources.setdefault(parts[:2], set()).add(parts[2])
-    suites = [s for s in sources if s[0] == "retrieval"]
-    chosen = [s for s in (suites or sorted(sources)) if not dataset or s[1] == dataset]
-    chosen.sort(key=lambda s: (s[1] == OOD_MEAN, s[1] == "ood", s[1]))
+    suites = [s for s in sources if s[0] != HELDOUT_KIND]
+    chosen = [s for s in (suites or list(sources)) if not dataset or dataset in s]
+    chosen.sort(key=lambda s: (s[0] != "retrieval", s[0], s[1] == "ood", s[1]))
+    kinds = {kind for kind, _ in chosen}
     out = []
     for kind, name in chosen:
         prefix = "eval." + (f"{kind}.{name}" if kind != HELDOUT_KIND else name)
-        for arrow, stems in DIRECTIONS:
-            ks = sorted({int(m[len(stem):]) for stem in stems for m in sources[(kind, name)]
+        where = (f"{kind} " if len(kinds) > 1 else "") + (f"{name} " if len(chosen) > 1 else "")
+        for arrow, pair in DIRECTIONS:
+            found = sources[(kind, name)]
+            ks = sorted({int(m[len(stem):]) for stem in pair for m in found
                          if m.startswith(stem) and m[len(stem):].isdigit()})
             for k in ks:
-                stem = next(s for s in stems if f"{s}{k}" in sources[(kind, name)])
-                label = f"{arrow} R@{k}" if len(chosen) == 1 else f"{name} {arrow} R@{k}"
-                out.append((label, f"{prefix}.{stem}{k}"))
+                stem = next(s for s in pair if f"{s}{k}" in found)
+                out.append((f"{where}{arrow} R@{k}", f"{prefix}.{stem}{k}"))
     return out
 
 
