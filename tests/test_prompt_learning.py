@@ -243,6 +243,8 @@ def test_refusals_at_submit(workdir: Path, caches) -> None:
     line = _refused(workdir, "jobs/prompt_structured.yaml", *_data(caches), "model.prompt.shots=1",
                     "train.micro_batch=4")
     assert "train.micro_batch" in line, line
+    line = _refused(workdir, "jobs/prompt_coop.yaml", *_data(caches), "data.eval_cache=")
+    assert "data.eval_cache" in line, line
 
 
 def test_real_size_jobs_dry_run(workdir: Path) -> None:

@@ -102,6 +102,10 @@ def validate_job(job) -> None:  # JobConfig -> None (ConfigValueError with the f
     check(d.kind != "synthetic", "data.kind",
           "is synthetic, but prompt learning classifies labelled images: set data.kind=hdf5 (or zarr) and "
           "data.train_cache to a labelled cache (dodo data cache SRC --from folder|cifar, docs/data.md)")
+    check(bool(d.eval_cache), "data.eval_cache",
+          "is empty, which would hold out the train cache's last samples (whole classes, in a class-ordered "
+          "cache); prompt learning scores every class's held-out images: set data.eval_cache to the "
+          "val / test split")
     if not (Path(d.train_cache).expanduser() / "manifest.json").exists():
         return
     from dodo.data.fewshot import check_fewshot_data

@@ -2,7 +2,7 @@
 
 Train: K shots per base class drawn from data.train_cache (dodo/data/fewshot.py, fixed
 model.prompt.shot_seed), labels mapped to the base classes' order, cross-entropy over their
-prompts' logits. Held-out (data.eval_cache, or the held-out tail of the train cache): base
+prompts' logits. Held-out (data.eval_cache, required): base
 (seen) images scored among the base classes, new (unseen) images among the new classes with
 their own names (CoCoOp's base-to-new protocol), and their harmonic mean:
 ``eval.prompt.<dataset>.base_top1 / new_top1 / hm``. The final report adds hand-crafted CLIP
