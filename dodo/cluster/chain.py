@@ -153,8 +153,7 @@ def _refs(value: Any) -> list[str]:
 
 def _resolve(value: Any, dirs: Mapping[str, str]) -> Any:
     if isinstance(value, str):
-        return STAGE_REF.sub(lambda m: dirs[m[1]], value).replace("${", "").replace("}", "") \
-            if REF.search(value) else value
+        return REF.sub(lambda m: dirs[STAGE_REF.fullmatch(m[1])[1]], value)  # refs checked by read_chain
     if isinstance(value, list):
         return [_resolve(v, dirs) for v in value]
     if isinstance(value, Mapping):
