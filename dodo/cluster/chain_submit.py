@@ -34,7 +34,7 @@ def render_plan(chain: Chain, backend: Any) -> str:
     """The submissions `dodo chain` makes, as a shell script a user could run by hand (job/submit.sh)."""
     var = {i.dir: re.sub(r"\W", "_", i.dir) for i in chain.instances}
     lines = ["#!/bin/bash", f"# dodo chain {chain.name}: the submissions `dodo chain` made, in order; rendered",
-             "# by dodo/cluster/chain.py. Each stage waits for the stages it takes run directories from.",
+             "# by dodo/cluster/chain_submit.py. Each stage waits for the stages whose run directories it takes.",
              "set -euo pipefail"]
     for inst in chain.instances:
         script = chain.run(inst).job / backend.script_name
