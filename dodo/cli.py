@@ -559,6 +559,10 @@ def cmd_chain(args: argparse.Namespace) -> int:
               "or written")
         return 0
     chain, configs = chains.create(args.chain, args.overrides, profile, _check_stage)
+    from dodo.train.provenance import snapshot_code
+
+    for run in chain.runs():  # job/code/: a stage that waits in the queue runs the code of this submit
+        snapshot_code(run)
     if backend.name == "local":
         code, problems = submit.run_local(chain, configs, backend)
         for line in problems:
