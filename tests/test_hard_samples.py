@@ -19,7 +19,7 @@ from dodo.data.hard_sampler import HardBatchSampler, weighted_order
 from dodo.data.sampler import GlobalBatchSampler
 from dodo.losses import info_nce
 from dodo.models.clip.hard_bank import DifficultyBank, per_pair_info_nce
-from dodo.models.clip.hard_config import HardSamplesConfig
+from dodo.models.clip.config import HardSamplesConfig
 
 
 def _unit(b: int, d: int, seed: int) -> torch.Tensor:

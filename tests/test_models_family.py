@@ -44,7 +44,9 @@ def test_each_family_folder_exports_one_registered_spec(name: str):
 
     task_class = {"magma": "dodo.models.magma.task:CaptioningTask", "clip": "dodo.tasks.contrastive:ContrastiveTask",
                   "vlmo": "dodo.models.vlmo.task:VlmoRetrievalTask",
-                  "weak": "dodo.models.weak.task:MAEContrastiveTask"}[name]
+                  "prompt": "dodo.models.prompt.task:PromptTask",
+                  "weak": "dodo.models.weak.task:MAEContrastiveTask",
+                  "lang_adapter": "dodo.models.lang_adapter.task:LangAdapterTask"}[name]
     assert spec.eval_hooks and all(callable(getattr(registry.resolve(task_class), h)) for h in spec.eval_hooks)
     assert all(k in KINDS and set(KINDS[k].hooks) <= set(spec.eval_hooks) for k in spec.default_suites)
 

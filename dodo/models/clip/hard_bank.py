@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dodo.losses import positives_from_ids
-from dodo.models.clip.hard_config import HardSamplesConfig
+from dodo.models.clip.config import HardSamplesConfig
 
 
 def per_pair_info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float,

@@ -8,6 +8,7 @@ directory) and the trainable adapter after it; ``model.tokenizer`` is CLIP's (En
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -55,11 +56,6 @@ class LangAdapterModelConfig(ModelConfig):
     clip: ClipConfig = field(default_factory=lambda: ClipConfig(trainable=[]))
     lang_adapter: LangAdapterConfig = field(default_factory=LangAdapterConfig)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(bool(self.lang_adapter.encoder_path), "lang_adapter.encoder_path",
-              "is empty; set it to a local Hugging Face directory of the target-language encoder "
-              "(e.g. a Chinese or German BERT saved with save_pretrained)")
 
 
 # Every adapter kind but none: the family's trainable part is its own adapter.
@@ -69,24 +65,27 @@ REFUSED_ADAPTERS = {k: "the language adapter after the target-language encoder i
 
 
 def validate_job(job) -> None:  # JobConfig -> None (ConfigValueError with the full key path)
-    """The training data must be parallel text: a cache built ``--from parallel``."""
+    """An encoder to adapt, and parallel text to train on: a cache built ``--from parallel``."""
+    check(bool(job.model.lang_adapter.encoder_path), "model.lang_adapter.encoder_path",
+          "is empty; set it to a local Hugging Face directory of the target-language encoder "
+          "(e.g. a Chinese or German BERT saved with save_pretrained)")
     d = job.data
     fix = ("build one from a JSONL of {\"src\": English, \"tgt\": translation} records with "
            "`dodo data cache PAIRS.jsonl --from parallel --out DIR` and set data.kind=hdf5 data.train_cache=DIR")
     check(d.kind != "synthetic" and not d.synthetic_on_first_use, "data.train_cache",
           f"model.family=lang_adapter trains on parallel text, but data.kind={d.kind} "
           f"{'(synthetic_on_first_use) ' if d.synthetic_on_first_use else ''}gives image-caption pairs; {fix}")
-    from dodo.data.ingest.parallel import KIND
-    from dodo.data.manifest import CacheError, describe
-
     for key in ("train_cache", "eval_cache"):
         path = getattr(d, key)
-        if not path or not (Path(path).expanduser() / "manifest.json").exists():
+        manifest = Path(path).expanduser() / "manifest.json" if path else None
+        if manifest is None or not manifest.exists():
             continue  # missing: named by the submit's path and cache checks
+        # Read as JSON here: the config layer imports no data module (tests: layers depend one way);
+        # the fields are dodo.data.manifest.Manifest's, "parallel" is dodo.data.ingest.parallel.KIND.
         try:
-            m = describe(path)
-        except CacheError:
-            continue
-        kind = m.source.get("kind")
-        check(m.modality == "text" and kind == KIND, f"data.{key}",
-              f"{path} is a {m.modality} cache built --from {kind}, not parallel text; {fix}")
+            m = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a damaged manifest: named by the cache checks
+        modality, kind = m.get("modality", "image_text"), (m.get("source") or {}).get("kind")
+        check(modality == "text" and kind == "parallel", f"data.{key}",
+              f"{path} is a {modality} cache built --from {kind}, not parallel text; {fix}")
