@@ -155,3 +155,11 @@ class ReprogramTask(Task):
         return {}, [
             f"{self.cfg.model.weak.objective}: held-out top-1 over {self.num_classes} classes "
             f"{m['eval.reprogram_top1']:.3f} ({trainable} trainable parameters; the model is frozen)"]
+
+    def run_eval(self, model: nn.Module, name: str, out_dir: Any) -> tuple[dict[str, Any], list[str]]:
+        """`dodo eval RUN --task accuracy`: the held-out target top-1 of the reprogrammed model."""
+        if name != "accuracy":
+            raise ValueError(f"unknown eval task {name!r} for a {self.cfg.model.weak.objective} run; choose "
+                             "accuracy (kNN and the other suites run through eval.suites)")
+        loss, top1 = self.accuracy(model)
+        return {"eval.loss": loss, "eval.reprogram_top1": top1}, [f"  eval.reprogram_top1          {top1:.3f}"]
