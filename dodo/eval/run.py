@@ -77,7 +77,10 @@ def _wise(task: Any, cfg: Any, run_path: Path, out_dir: Path,
     stored = load_pretrained_state(run_path)
     note = f"  theta_0: {run_path / PRETRAINED_FILE}" if stored is not None else \
         f"  theta_0: the rebuilt start of the model (the run stored no {PRETRAINED_FILE}: trained before it was written)"
-    zero = wise_zero_point(task.model, stored if stored is not None else fresh)
+    try:
+        zero = wise_zero_point(task.model, stored if stored is not None else fresh)
+    except ValueError as err:  # a theta_0 of another model: one line, exit 2
+        raise ConfigError(f"{run_path / PRETRAINED_FILE}: {err}") from None
 
     def metrics(model: torch.nn.Module) -> dict[str, float]:
         model.eval()
