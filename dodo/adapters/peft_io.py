@@ -173,6 +173,10 @@ def export_merged(root: nn.Module, out_dir: str | os.PathLike, plain_ok: bool = 
     if not hasattr(model, "save_pretrained"):
         raise PeftFormatError(f"{type(root).__name__} is not a Hugging Face model; a merged export "
                               "writes a save_pretrained directory")
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, nn.Parameter) and scale.shape == (1,):
+        # dodo's CLIP holds the temperature as shape (1,) for DeepSpeed; CLIPModel's is 0-dim.
+        model.logit_scale = nn.Parameter(scale.detach().reshape(()))
     for p in model.parameters():
         p.requires_grad_(True)  # a plain model again, as from_pretrained would give it
     model.save_pretrained(str(out_dir))
