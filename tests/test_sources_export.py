@@ -82,7 +82,7 @@ def test_merged_export_of_a_fully_fine_tuned_model(tmp_path: Path):
     holder = nn.Module()
     holder.clip = CLIPModel(cfg)
     holder.clip.requires_grad_(False)
-X
+    holder.clip.logit_scale = nn.Parameter(holder.clip.logit_scale.detach().reshape(1), requires_grad=False)  # as dodo's CLIP holds it
     assert adapted_hf_models(holder, tuned=True) == {}  # frozen and adapter-free: nothing to export
     holder.clip.text_projection.weight.requires_grad_(True)
     with torch.no_grad():
