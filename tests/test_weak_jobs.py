@@ -45,9 +45,11 @@ def _knn(c: dict[str, Path]) -> str:
      "model.weak.reprogram.source_classes"),
     ("weak_mae_contrastive", "coco_train", "model.adapter.film.condition=task", "model.adapter.film.condition"),
     ("weak_mae_contrastive", "coco_train", "data.image_size=64", "data.image_size"),
+    ("weak_mae_contrastive", "coco_train", "model.weak.suite_embedding=backbone eval.suites=[{kind: retrieval}]",
+     "model.weak.suite_embedding"),
 ])
 def test_bad_input_is_refused_at_submit(workdir: Path, real_data, job, train, override, expected):
-    args = _common(real_data, train, "coco_test") + ([override] if override else [])
+    args = _common(real_data, train, "coco_test") + (override.split(" ", 1) if override else [])
     proc = dodo("submit", f"jobs/{job}.yaml", *args, cwd=workdir, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dodo: error:"), proc.stderr
@@ -60,7 +62,8 @@ def test_bad_input_is_refused_at_submit(workdir: Path, real_data, job, train, ov
 def test_mae_contrastive_job_on_karpathy_captions(workdir: Path, real_data):
     ckpt = _dino_checkpoint(workdir)
     dodo("submit", "jobs/weak_mae_contrastive.yaml", *_common(real_data, "coco_train", "coco_test"), _knn(real_data),
-         "model.weak.vision.kind=timm", f"model.weak.vision.path={ckpt}", cwd=workdir, timeout=600)
+         "model.weak.vision.kind=timm", f"model.weak.vision.path={ckpt}",
+         "model.weak.suite_embedding=backbone", cwd=workdir, timeout=600)  # kNN on the ViT's [CLS], as DINO
     (run,) = run_dirs(workdir / "runs", "weak_mae_contrastive")
     summary = json.loads((run / "summary.json").read_text())
     first, last = summary["initial"], summary["final"]

@@ -108,6 +108,14 @@ def test_mae_encoder_sees_only_visible_patches_and_loss_matches_naive():
     assert abs(float(mae_loss(pred, images.double(), mask, 8)) - total / n) < 1e-6 * total / n
 
 
+@torch.no_grad()
+def test_backbone_embedding_is_the_vits_cls():
+    model = _model()
+    images = torch.randn(2, 3, 32, 32)
+    want = F.normalize(model.vit.forward_features(images)[:, 0], dim=-1)  # timm's own forward, [CLS]
+    torch.testing.assert_close(model.backbone_embedding(images), want)
+
+
 def test_mae_contrastive_trains_adapters_heads_only():
     model = _model(adapter=AdapterConfig(kind="bottleneck", locations=["mlp"]))
     model.attach_texts(_tokenize)

@@ -113,6 +113,10 @@ class WeakConfig:
     mae_weight: float = 1.0
     contrastive_weight: float = 1.0
     init_temperature: float = 0.07
+    # What the eval suites' image hook embeds (mae_contrastive): projected (image_proj([CLS]),
+    # the joint space that retrieval / zero-shot need) or backbone (the ViT's final-normed [CLS],
+    # DINO's kNN protocol; suites that also embed texts are refused with it).
+    suite_embedding: Literal["projected", "backbone"] = "projected"
     mae: MAEConfig = field(default_factory=MAEConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     reprogram: ReprogramConfig = field(default_factory=ReprogramConfig)
@@ -183,6 +187,11 @@ def validate_job(job: object) -> None:
         n, rows = tokenizer_size(model.tokenizer), hf_vocab_size(w.text.path)
         if n is not None and rows is not None:
             check_tokenizer_vocab(n, rows)
+    if w.suite_embedding == "backbone":
+        texts = [s.kind for s in job.eval.suites if s.kind in ("retrieval", "zeroshot")]  # type: ignore[attr-defined]
+        check(not texts, "model.weak.suite_embedding",
+              f"is backbone (the ViT's [CLS], no text space), but eval.suites has {texts[0] if texts else ''}, "
+              "which compares images with texts: set model.weak.suite_embedding=projected or drop that suite")
     size = w.vision_image_size()
     if w.objective == "mae_contrastive" and size is not None:
         check(data.image_size == size, "data.image_size",

@@ -180,6 +180,10 @@ class WeakModel(nn.Module):
             images = self.program(images)
         return F.normalize(self.image_proj(self.image_tokens(images)[:, 0]), dim=-1)
 
+    def backbone_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, d) unit norm: the ViT's final-normed [CLS] (DINO's kNN feature)."""
+        return F.normalize(self.image_tokens(images)[:, 0], dim=-1)
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_features(input_ids, attention_mask)), dim=-1)
 

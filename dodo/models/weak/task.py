@@ -50,6 +50,16 @@ class MAEContrastiveTask(ContrastiveTask):
         self.model.attach_texts(self.collate.token_ids)
 
     @torch.no_grad()
+    def encode_images(self, model: nn.Module, images: Any) -> torch.Tensor:
+        """The suites' image hook: projected (as the contrastive task) or, with
+        model.weak.suite_embedding=backbone, the ViT's [CLS] (DINO's kNN protocol)."""
+        if self.cfg.model.weak.suite_embedding == "projected":
+            return super().encode_images(model, images)
+        from dodo.tasks.encoders import to_model_images
+        pixels = to_model_images(images, self.collate.image_mean, self.collate.image_std)
+        return model.backbone_embedding(pixels.to(next(model.parameters()).device)).float().cpu()
+
+    @torch.no_grad()
     def mae_mse(self, model: nn.Module) -> float:
         device, total, n = next(model.parameters()).device, 0.0, 0
         gen = torch.Generator().manual_seed(EVAL_SEED)  # the same masks at every evaluation
