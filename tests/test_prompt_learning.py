@@ -166,7 +166,8 @@ def test_only_prompts_train_and_clip_stays_frozen(tokenizer) -> None:
 # ---------------------------------------------------------------- few-shot draw
 
 def test_few_shot_draw_is_fixed_by_seed_and_per_class() -> None:
-    from dodo.data.fewshot import base_split, few_shot_indices
+    from dodo.data.fewshot import few_shot_indices
+    from dodo.models.prompt.config import base_split
 
     labels = np.repeat(np.arange(5), 20)  # 5 classes x 20 images, one sample each
     ids = np.arange(100)
@@ -233,6 +234,12 @@ def _refused(workdir: Path, *args: str) -> str:
 
 
 def test_refusals_at_submit(workdir: Path, caches) -> None:
+    # the submit check's torch-free label counts equal the data layer's
+    from dodo.data.fewshot import class_counts
+    from dodo.models.prompt.config import _manifest, label_counts
+    for name in ("imagenet_train", "cifar10_train", "index_labels"):
+        assert label_counts(str(caches[name]), _manifest(str(caches[name]))) == class_counts(caches[name]).tolist()
+    assert class_counts(caches["imagenet_train"]).tolist() == [16] * 10
     line = _refused(workdir, "jobs/prompt_coop.yaml", *_data(caches), "model.prompt.shots=20")
     assert "model.prompt.shots" in line and "class 0 ('tench')" in line and "only 16 images" in line, line
     line = _refused(workdir, "jobs/prompt_coop.yaml", *_data(caches), f"data.train_cache={caches['unlabelled']}")

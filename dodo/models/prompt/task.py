@@ -23,10 +23,11 @@ from torch.utils.data import Subset
 from dodo.config.schema import JobConfig
 from dodo.data import build_datasets
 from dodo.data.collate import CaptionCollator
-from dodo.data.fewshot import base_split, few_shot_indices
+from dodo.data.fewshot import few_shot_indices
 from dodo.data.tokenizer import load_tokenizer
 from dodo.eval import classnames as cn
 from dodo.eval.zeroshot import labelled_images
+from dodo.models.prompt.config import base_split
 from dodo.models.prompt.model import PromptCLIP
 from dodo.models.registry import InitState
 from dodo.tasks import Task
