@@ -70,6 +70,14 @@ def test_run_dirs_made_up_front_and_resolved_per_seed(tmp_path: Path):
     assert chain.instances[3].deps == ["dense_s1"] and moe.name == chain.instances[3].job_name
     assert (chain.path / "dense_s1" / "config.yaml").is_file() and moe.train.steps == 3
     assert chains.Chain.open(chain.path).instances == chain.instances
+    from dodo.cluster.table import method_table
+    from dodo.rundir import write_json_atomic
+
+    for i, run in enumerate(chain.runs()):  # as if each stage had run: one table row per stage
+        write_json_atomic(run.summary_file, {"final": {"eval.loss": float(i)}, "trainable_parameters": 100 * i})
+    header, rows = method_table(chain, "methods")
+    assert header == ["method", "seeds", "trainable params", "eval.loss"]
+    assert rows == [["dense", "2", "100", "1 ± 1.414"], ["moe", "2", "200", "2 ± 1.414"]]
     other = write_chain(tmp_path, UPCYCLE + "    seeds: [7]\n    seed_key: model.init_seed\n")
     _, (dense, moe_cfg) = chains.create(str(other), [f"runs_dir={tmp_path}/runs"], None)
     assert dense.model.init_seed == moe_cfg.model.init_seed == 7 and dense.train.seed == 0
