@@ -95,7 +95,7 @@ def read_images(parts: Sequence[tuple[str, str]]) -> dict[int, Any]:
         try:
             images[i] = decode(path.read_bytes())
         except BadSample as err:
-            raise ConfigError(f"--image {value}: PIL cannot read it as an image ({err}); "
+            raise ConfigError(f"--image {value}: PIL cannot read it as an image ({err.reason}); "
                               "give a JPEG / PNG / any format Pillow opens") from None
     if not images:
         raise ConfigError("give at least one --image PATH (MAGMA generates text after an image)")

@@ -134,3 +134,23 @@ def test_piecewise_embedding_equals_embed(prefix) -> None:
         assert model.embed_image(image[None]).shape[1] == (prefix.get("tokens") or 4)  # 2 x 2 patches of 8 px, or k
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(model.embed_tokens(ids), model.lm.get_input_embeddings()(ids))
+
+
+def test_flags_keep_their_order_and_pick_the_decoder() -> None:
+    from dodo.cli import parse_args
+    from dodo.config.errors import ConfigError
+    from dodo.generate_run import decoding_options
+
+    args = parse_args(["generate", "r", "--image", "a.jpg", "--prompt", "a dog .", "--image", "b.jpg",
+                       "--prompt", "a", "--image", "c.jpg"])
+    assert args.parts == [("image", "a.jpg"), ("prompt", "a dog ."), ("image", "b.jpg"), ("prompt", "a"),
+                          ("image", "c.jpg")]
+    assert decoding_options(args) == {"method": "greedy", "beams": 1, "seed": 0}
+    beam = parse_args(["generate", "r", "--image", "a.jpg", "--beam", "4", "--max-new-tokens", "7"])
+    assert decoding_options(beam) == {"method": "beam", "beams": 4, "seed": 0, "max_tokens": 7}
+    sample = parse_args(["generate", "r", "--image", "a.jpg", "--top-p", "0.9", "--seed", "3"])
+    assert decoding_options(sample) == {"method": "sample", "beams": 1, "seed": 3, "top_p": 0.9}
+    for bad, message in ((["--temperature", "0"], "must be > 0"), (["--top-p", "1.5"], "in \\(0, 1\\]"),
+                         (["--beam", "0"], ">= 1")):
+        with pytest.raises(ConfigError, match=message):
+            decoding_options(parse_args(["generate", "r", "--image", "a.jpg", *bad]))

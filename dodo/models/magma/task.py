@@ -3,7 +3,8 @@
 Tasks layer (found through ``dodo.models.magma.FAMILY.task``). For evaluation suites it
 exposes ``generate(model, images, prompt=None, **decoding) -> list[str]`` (dodo/eval/generate.py:
 greedy, beam, sampling, KV cache) and the prefix embedding + LM through the model
-(``model.embed``, ``model.lm``, ``model.prefix``), as docs/architecture.md says.
+(``model.embed``, ``model.embed_image``, ``model.embed_tokens``, ``model.lm``), as
+docs/architecture.md says.
 The caption check of the final report is the synthetic shapes suite's (dodo/tasks/shapes.py);
 on other data the periodic evaluation scores BLEU-4 / CIDEr-D against all references
 (eval.bleu4 / eval.cider) and the report lists a few captions beside a reference.
