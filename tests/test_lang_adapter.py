@@ -46,11 +46,16 @@ def write_bert(root: Path, texts: list[str]) -> Path:
     from dodo.eval.classnames import templates
 
     words = sorted({w for t in texts for w in t.lower().replace(".", " . ").split()})
-    cjk = sorted({ch for t in templates("clip_benchmark_cn:imagenet1k") for ch in t if ord(ch) > 0x2E80})
+    from dodo.eval.classnames import classnames
+
+    cn_text = templates("clip_benchmark_cn:imagenet1k") + classnames("clip_benchmark_cn:imagenet1k")[:4]
+    cjk = sorted({ch for t in cn_text for ch in t if ord(ch) > 0x2E80})
     root.mkdir(parents=True)
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + cjk)
                                     + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True, strip_accents=False)
+    vocab = (root / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True, strip_accents=False)
+    assert len(tok) == len(vocab)  # transformers 5 takes the vocabulary itself (vocab_file is ignored)
     tok.save_pretrained(root)
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -130,6 +135,7 @@ def test_distance_loss_by_hand(world, loss: str) -> None:
     collate = ParallelCollator(load_tokenizer(cfg.model.tokenizer), 16, AutoTokenizer.from_pretrained(world["bert"]), 32)
     ds = ParallelPairs(world["pairs"])
     batch = collate([ds[i] for i in range(6)])
+    assert not (batch["tgt_ids"] == collate.tgt_tokenizer.unk_token_id).any()  # German words, not [UNK]
     model.eval()
     s = model.student(batch["tgt_ids"], batch["tgt_mask"])
     t = model.clip.get_text_features(input_ids=batch["src_ids"], attention_mask=batch["src_mask"])
@@ -141,6 +147,30 @@ def test_distance_loss_by_hand(world, loss: str) -> None:
     # Padding does not change a text's features (the adapter's layers and pool are mask-aware).
     one = collate([ds[0]])
     torch.testing.assert_close(model.student(one["tgt_ids"], one["tgt_mask"])[0], s[0], rtol=1e-4, atol=1e-5)
+
+
+def test_chinese_class_names_and_templates_from_clip_benchmark_go_through_the_adapter(world) -> None:
+    """clip_benchmark's Chinese ImageNet names and templates, tokenised by the target-language
+    tokenizer (characters, as a Chinese BERT does) and embedded by the adapted path."""
+    from transformers import AutoTokenizer
+
+    from dodo.data.tokenizer import load_tokenizer
+    from dodo.eval.classnames import classnames, templates
+    from dodo.eval.zeroshot import class_embeddings
+    from dodo.models.lang_adapter.task import ParallelCollator
+
+    cfg, model = _model(world)
+    tok = AutoTokenizer.from_pretrained(world["bert"])
+    collate = ParallelCollator(load_tokenizer(cfg.model.tokenizer), 16, tok, 32)
+    names, temps = classnames("clip_benchmark_cn:imagenet1k")[:4], templates("clip_benchmark_cn:imagenet1k")[:5]
+    ids, mask = collate.tgt_ids([t.format(n) for t in temps for n in names])
+    assert not (ids == tok.unk_token_id).any()  # every character is in the vocabulary
+    model.eval()
+    with torch.no_grad():
+        cls = class_embeddings(lambda texts: model.encode_text(*collate.tgt_ids(texts)), names, temps)  # (4, D)
+    assert cls.shape == (4, model.clip.config.projection_dim)
+    torch.testing.assert_close(cls.norm(dim=-1), torch.ones(4))
+    assert (cls @ cls.T - torch.eye(4)).abs().max() < 0.9999  # four different class embeddings
 
 
 def test_only_the_adapter_trains_and_frozen_parts_stay_bit_identical(world) -> None:
