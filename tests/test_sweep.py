@@ -185,3 +185,13 @@ def test_rows_group_over_any_seed_key(tmp_path: Path):
     header, rows = tbl.method_table(sweep, "methods")
     assert [r[:2] for r in rows] == [["a", "4"], ["b", "4"]] and header[3:] == ["eval.loss"]
     assert rows[0][3] == "1.5 ± 1.291" and rows[1][3] == "5.5 ± 1.291"
+
+
+def test_rows_are_grouped_by_values_not_by_label(tmp_path: Path):
+    """Two keys that both end in `.dropout` must not merge two methods into one row."""
+    sweep, _ = sweeps.create(DEMO, [f"runs_dir={tmp_path}/runs"], ["train.seed=0,1"], None,
+                             ["model.adapter.dropout=0.1", "model.adapter.lora.dropout=0.1"])
+    for run in sweep.runs():
+        finish(run, {"eval.loss": 1.0}, 10, record_tags=False)
+    rows = tbl.method_table(sweep, "methods")[1]
+    assert len(rows) == 2 and [r[1] for r in rows] == ["2", "2"]

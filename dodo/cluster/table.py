@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import io
+import json
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -48,6 +49,11 @@ class Entry:
     seed: Any
     run: RunDir
     values: dict[str, Any] = field(default_factory=dict)  # the point's overrides (points layout)
+    group: str = ""  # what makes a method row (the label may shorten keys); "" = the label
+
+    @property
+    def key(self) -> str:
+        return self.group or self.method
 
     @property
     def summary(self) -> dict:
@@ -77,7 +83,8 @@ def entries(collection: Any) -> list[Entry]:
                          if not point.name or k not in _listed_keys(collection, point))
         method = " ".join(x for x in (point.name, shown) if x) or "(the job as it is)"
         seed = tuple(point.values.get(k) for k in SEED_KEYS if k in point.values)
-        out.append(Entry(point.dir, method, seed, run, point.values))
+        group = json.dumps([point.name, rest], sort_keys=True, default=str)  # not the label: short keys may clash
+        out.append(Entry(point.dir, method, seed, run, point.values, group))
     return out
 
 
@@ -117,7 +124,7 @@ def method_table(collection: Any, layout: str = "methods", metric: str = "", met
     rows_in = entries(collection)
     groups: dict[str, list[Entry]] = {}
     for e in rows_in:
-        groups.setdefault(e.method, []).append(e)
+        groups.setdefault(e.key, []).append(e)
     finals = {e.id: e.summary.get("final", {}) for e in rows_in}
     tags = _merged_tags(rows_in)
     keys = {k for f in finals.values() for k in f}
@@ -135,7 +142,8 @@ def method_table(collection: Any, layout: str = "methods", metric: str = "", met
                                 f"{', '.join(sorted(keys)[:12]) or 'none: no summary.json'})")
     header = ["method", "seeds", "trainable params"] + [label for label, _ in columns]
     rows = []
-    for method, members in groups.items():
+    for members in groups.values():
+        method = members[0].method
         done = [e for e in members if finals[e.id]]
         seeds = str(len(done)) if len(done) == len(members) else f"{len(done)} of {len(members)} done"
         params = [e.summary.get("trainable_parameters") for e in done]
@@ -248,6 +256,4 @@ def _int(value: Any) -> str:
 
 
 def _fmt(value: Any) -> str:
-    import json
-
     return value if isinstance(value, str) else json.dumps(value)
