@@ -86,3 +86,49 @@ def test_reprogram_job_on_class_folders(workdir: Path, real_data):
     assert "eval.knn.cifar10.top1" in last
     # only the program (3 x 32 x 32) and the learned label map (10 EuroSAT source names x 4 classes)
     assert summary["trainable_parameters"] == 3 * 32 * 32 + 10 * 4
+
+
+# ---------------------------------------------------------------- cross-modal reprogramming
+
+PLACES = ("in a river", "on a table", "at the market", "in the sea", "under a bridge", "in a bucket")
+
+
+def _captioned_classes(root: Path, split: str, n: int, offset: int) -> Path:
+    """A labelled captions file (CSV: file, caption, label; the folder source) whose captions
+    name the class among other words: "a small photo of a goldfish in the sea"."""
+    import csv
+
+    from data_helpers import ADJECTIVES, class_image, imagenet_names
+
+    names = imagenet_names()[:4]
+    folder = root / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = root / f"{split}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "caption", "label"])
+        for i in range(offset, offset + n):
+            label = i % 4
+            (folder / f"{i}.jpg").write_bytes(class_image(label, i, 32))
+            caption = f"a {ADJECTIVES[i % len(ADJECTIVES)]} photo of a {names[label].lower()} {PLACES[(i // 4) % len(PLACES)]}"
+            writer.writerow([f"images/{i}.jpg", caption, label])
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_cross_modal_job_classifies_captions_through_the_frozen_vit(workdir: Path, real_data):
+    from data_helpers import make_cache, write_word_tokenizer
+
+    src = workdir / "xmodal"
+    tok = write_word_tokenizer(src / "tokenizer.json", list(PLACES) + ["small", "photo"])
+    train = make_cache(_captioned_classes(src, "train", 48, 0), "folder", workdir / "xm_train")
+    test = make_cache(_captioned_classes(src, "test", 24, 1000), "folder", workdir / "xm_test")
+    dodo("submit", "jobs/weak_cross_modal.yaml", f"model.tokenizer={tok}", f"data.train_cache={train}",
+         f"data.eval_cache={test}", "cluster.max_restarts=0", cwd=workdir, timeout=600)
+    (run,) = run_dirs(workdir / "runs", "weak_cross_modal")
+    summary = json.loads((run / "summary.json").read_text())
+    first, last = summary["initial"], summary["final"]
+    assert last["eval.reprogram_top1"] > first["eval.reprogram_top1"] + 0.2, (first, last)
+    assert last["eval.loss"] < first["eval.loss"]
+    assert summary["trainable_parameters"] == 64 * 64 + 64  # the linear token map only
