@@ -2,7 +2,7 @@
 a Karpathy-JSON COCO cache (natural captions, 5 per image) with the local word-level tokenizer.
 Its periodic evaluation scores BLEU-4 / CIDEr-D against all references of each held-out image
 (not the shapes metrics), and its captioning suite reaches summary.json as
-eval.captioning.<dataset>.bleu4 / cider (the scorers are checked against pycocoevalcap run
+eval.captioning.<dataset>.bleu4 / cider, with a Flickr30k-format test set tagged OOD (the scorers are checked against pycocoevalcap run
 directly in test_eval_captioning.py)."""
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ def real_magma(c: dict[str, Path]) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_magma_captioning_on_karpathy_coco(workdir: Path, real_data) -> None:
-    suites = "eval.suites=[{kind: captioning, datasets: [{name: coco, cache: '', tag: id}]}]"
+    suites = ("eval.suites=[{kind: captioning, datasets: [{name: coco, cache: '', tag: id}, "
+              f"{{name: flickr, cache: '{real_data['flickr_test']}', tag: ood}}]}}]")
     dodo("submit", "jobs/demo.yaml", *real_magma(real_data), suites, "train.steps=60", "train.eval_every=30",
          "train.caption_samples=8", cwd=workdir, timeout=600)
     (run,) = run_dirs(workdir / "runs", "demo")
     summary = json.loads((run / "summary.json").read_text())
     flat = json.dumps(summary)
-    for key in ("eval.captioning.coco.bleu4", "eval.captioning.coco.cider"):
+    for key in ("eval.captioning.coco.bleu4", "eval.captioning.coco.cider", "eval.captioning.flickr.cider",
+                "eval.captioning.ood_mean.bleu4"):
         assert key in flat, (key, flat[:2000])
     assert "caption_accuracy" not in flat  # no shapes scoring on real data
     # Periodic eval: BLEU-4 / CIDEr-D at step 0 and at every eval, on the first 8 held-out images
