@@ -194,4 +194,4 @@ def test_rows_are_grouped_by_values_not_by_label(tmp_path: Path):
     for run in sweep.runs():
         finish(run, {"eval.loss": 1.0}, 10, record_tags=False)
     rows = tbl.method_table(sweep, "methods")[1]
-    assert len(rows) == 2 and [r[1] for r in rows] == ["2", "2"]
+    assert [r[:2] for r in rows] == [["adapter.dropout=0.1", "2"], ["lora.dropout=0.1", "2"]]

@@ -77,14 +77,27 @@ def entries(collection: Any) -> list[Entry]:
     if hasattr(collection, "entries"):
         return collection.entries()
     out = []
+    short = _short_names({k for p in collection.points for k in p.values})
     for point, run in zip(collection.points, collection.runs()):
         rest = {k: v for k, v in point.values.items() if k not in SEED_KEYS}
-        shown = " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in rest.items()
+        shown = " ".join(f"{short[k]}={_fmt(v)}" for k, v in rest.items()
                          if not point.name or k not in _listed_keys(collection, point))
         method = " ".join(x for x in (point.name, shown) if x) or "(the job as it is)"
         seed = tuple(point.values.get(k) for k in SEED_KEYS if k in point.values)
         group = json.dumps([point.name, rest], sort_keys=True, default=str)  # not the label: short keys may clash
         out.append(Entry(point.dir, method, seed, run, point.values, group))
+    return out
+
+
+def _short_names(keys: set[str]) -> dict[str, str]:
+    """Each key by its last component, or as many as tell it apart: adapter.dropout, lora.dropout."""
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        n = 1
+        while n < len(parts) and any(o != key and o.split(".")[-n:] == parts[-n:] for o in keys):
+            n += 1
+        out[key] = ".".join(parts[-n:])
     return out
 
 
