@@ -268,3 +268,10 @@ def test_fake_lsf_failed_stage_ends_its_dependant(fake_lsf, tmp_path: Path):  # 
     status = dodo("status", str(folder), cwd=tmp_path, env=fake_lsf).stdout
     assert re.search(r"  moe +lsf +\d+ +never started \(lsf: EXIT\)", status), status
     assert "    not run: stage dense ended failed" in status
+
+
+@pytest.mark.parametrize("name, runs", [("masked_adapters", 21), ("upcycle", 6)])
+def test_shipped_chains_dry_run(workdir: Path, name: str, runs: int):
+    (workdir / "chains").symlink_to(REPO / "chains")
+    out = dodo("chain", f"chains/{name}.yaml", "--dry-run", f"runs_dir={workdir}/runs", cwd=workdir)
+    assert f"# {runs} stage runs checked" in out.stdout and not (workdir / "runs").exists()
