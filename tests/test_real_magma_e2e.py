@@ -14,6 +14,47 @@ import pytest
 
 from conftest import dodo, metrics, run_dirs
 
+def test_periodic_eval_scores_all_references_of_the_first_images() -> None:
+    """MAGMA's evaluate on natural captions (3 per image): eval.bleu4 / eval.cider are
+    pycocoevalcap's Bleu(4) / Cider of the generated captions of the first train.caption_samples
+    (2 of 3) images against all their references, computed here by hand."""
+    import numpy as np
+    import torch
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    from conftest import REPO
+    from dodo.config.loader import load_job
+    from dodo.data.sample import Sample
+    from dodo.eval.caption_metrics import tokenize
+    from dodo.tasks import build_task
+
+    torch.manual_seed(0)
+    task = build_task(load_job(REPO / "jobs/demo.yaml", [
+        "data.kind=synthetic", "data.num_train=16", "data.num_eval=8", "train.caption_samples=2",
+        "model.lm.d_model=32", "model.lm.n_head=2", "model.image_encoder.hidden=32"]))
+    rng = np.random.default_rng(0)
+    refs = {10: ["a man riding a bike on a city street", "a cyclist on a busy road", "a man on a bicycle"],
+            11: ["two dogs playing in the snow", "dogs running in snow", "two brown dogs outside"],
+            12: ["a bowl of soup on a table", "soup in a white bowl", "a table with a bowl"]}
+    images = {k: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for k in refs}
+    task.eval_set = [Sample(image=images[k], caption=c, key=f"{k}#{j}", image_id=k)
+                     for k in refs for j, c in enumerate(refs[k])]
+    model = task.model.eval()
+    # The family's generate, replaced by one that answers each image with one of its own
+    # references except the first (so scoring against the first reference alone would differ).
+    answer = {images[k].tobytes(): refs[k][1 + k % 2] for k in refs}
+    task.generate = lambda m, imgs, **decoding: [answer[np.asarray(im).tobytes()] for im in imgs]
+    got = task.evaluate(model, 8, 0, 1)
+    preds = {k: refs[k][1 + k % 2] for k in (10, 11)}  # the first 2 images only
+    gts = {str(k): [tokenize(r) for r in refs[k]] for k in preds}
+    res = {str(k): [tokenize(p)] for k, p in preds.items()}
+    assert got["eval.bleu4"] == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+    assert got["eval.cider"] == pytest.approx(Cider().compute_score(gts, res)[0])
+    assert got["eval.cider"] > 1.0 and got["eval.bleu4"] > 0.3  # a reference scores high
+    assert "eval.loss" in got and not any("accuracy" in k for k in got)
+
+
 TINY_MAGMA = ["model.lm.d_model=32", "model.lm.n_head=2", "model.lm.n_positions=40",
               "model.image_encoder.hidden=32", "model.image_encoder.n_layer=1", "train.micro_batch=8",
               "train.log_every=50", "train.warmup_steps=5", "train.lr=1e-2"]

@@ -86,10 +86,10 @@ class CaptioningTask(Task):
         cache's image ids without decoding any image."""
         from torch.utils.data import Subset
 
-        ids = getattr(self.eval_set, "image_ids", None)
-        if ids is None:
-            return Subset(self.eval_set, list(range(min(n, len(self.eval_set)))))
-        ids = np.asarray(ids())
+        image_ids = getattr(self.eval_set, "image_ids", None)  # caches: no image decoded
+        ids = np.asarray(image_ids() if image_ids is not None else
+                         [self.eval_set[i].image_id for i in range(len(self.eval_set))])
+        ids = np.where(ids < 0, -1 - np.arange(len(ids)), ids)  # no id: each sample its own image
         first = list(dict.fromkeys(ids.tolist()))[:n]
         return Subset(self.eval_set, np.flatnonzero(np.isin(ids, first)).tolist())
 
