@@ -46,13 +46,16 @@ def _tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
+def _cfg(objective: str = "mae_contrastive", adapter: AdapterConfig | None = None, **weak) -> WeakModelConfig:
+    return WeakModelConfig(adapter=adapter or AdapterConfig(kind="none"),
+                           weak=WeakConfig(objective=objective, text_hidden=32, text_heads=2, projection_dim=16,
+                                           vision=SourceConfig(kind="random", arch="vit_base_patch16_224.dino",
+                                                               arch_kwargs=json.dumps(TINY)), **weak))
+
+
 def _model(objective: str = "mae_contrastive", adapter: AdapterConfig | None = None, **weak) -> WeakModel:
-    torch.manual_seed(0)
-    cfg = WeakModelConfig(adapter=adapter or AdapterConfig(kind="none"),
-                          weak=WeakConfig(objective=objective, text_hidden=32, text_heads=2, projection_dim=16,
-                                          vision=SourceConfig(kind="random", arch="vit_base_patch16_224.dino",
-                                                              arch_kwargs=json.dumps(TINY)), **weak))
-    return WeakModel(cfg, VOCAB, 0)
+    torch.manual_seed(0)  # the frozen random towers: the same for every model built here
+    return WeakModel(_cfg(objective, adapter, **weak), VOCAB, 0)
 
 
 # ---------------------------------------------------------------- the ViT, MAE
@@ -261,6 +264,35 @@ def test_reprogram_trains_only_the_program():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["program.program"]
     ids, mask = _tokenize(["", "", "", ""])
     assert _frozen_step(model, torch.randn(4, 3, 32, 32), ids, mask) == {"program.program"}
+
+
+@torch.no_grad()
+def test_reprogramming_starts_from_a_trained_run_frozen():
+    """model.weak.reprogram.init_from: the mae_contrastive run's FiLM adapters, projections and
+    temperature become the frozen source model (its trainable state, as the train layer reads it)."""
+    from dodo.adapters.state import adapter_state_dict
+    from dodo.adapters.transfer import AdapterSource
+    from dodo.models.registry import InitState
+    from dodo.models.weak.model import build
+
+    film = AdapterConfig(kind="film", locations=["mlp"], film=FiLMConfig(condition="text", prompt="a photo of"))
+    trained = _model(adapter=film)
+    for p in trained.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn_like(p) * 0.3)
+    src = AdapterSource("runs/mae/1", "runs/mae/1/checkpoints/step_30", film, adapter_state_dict(trained))
+    torch.manual_seed(0)  # the same frozen towers as `trained`
+    model = build(_cfg("reprogram"), VOCAB, 0, None, InitState(adapters=[src]))
+    for m in (trained, model):
+        m.attach_texts(_tokenize, ["cat", "dog", "car"], 3)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.image_tokens(images), trained.image_tokens(images))  # FiLM on the same prompt
+    assert torch.equal(model.image_proj.weight, trained.image_proj.weight)
+    assert torch.equal(model.logit_scale, trained.logit_scale)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["program.program"]
+    replayed = AdapterSource("r", "r", AdapterConfig(kind="none"), {**src.state, "replay.branches.1.gate": torch.zeros(1)})
+    with pytest.raises(ValueError, match="token replay"):
+        build(_cfg("reprogram"), VOCAB, 0, None, InitState(adapters=[replayed]))
 
 
 def test_cross_modal_shapes_padding_and_only_the_map_trains():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dodo.config.errors import ConfigValueError, check
+from dodo.config.preflight import MUST_EXIST
 from dodo.models.config import ModelConfig
 from dodo.models.sources.config import (SourceConfig, check_source, check_tokenizer_vocab, hf_vocab_size,
                                         tokenizer_size)
@@ -90,6 +91,9 @@ class ReprogramConfig:
     # cross_modal: the map from the text encoder's token embeddings to patch embeddings
     map: Literal["linear", "mlp"] = "linear"
     map_hidden: int = 128
+    # A finished mae_contrastive run (its directory) whose trained adapters, projections and
+    # temperature become part of the frozen source model; "" keeps them as model.init_seed built them.
+    init_from: str = field(default="", metadata=MUST_EXIST)
 
     def __post_init__(self) -> None:
         check(self.inner_size > 0, "inner_size", f"must be > 0, got {self.inner_size}")
@@ -166,6 +170,8 @@ class WeakModelConfig(ModelConfig):
         check(a.kind == "none" or w.objective == "mae_contrastive", "adapter.kind",
               f"is {a.kind}, but model.weak.objective={w.objective} keeps the model frozen (only the "
               "perturbation / token map trains): set model.adapter.kind=none")
+        check(not w.reprogram.init_from or w.objective != "mae_contrastive", "weak.reprogram.init_from",
+              "is for reprogramming runs (objective reprogram / cross_modal); a mae_contrastive run starts fresh")
         check(not w.replay.enabled or w.objective == "mae_contrastive", "weak.replay.enabled",
               f"token replay adapts the encoder, but model.weak.objective={w.objective} keeps it frozen")
 
@@ -174,6 +180,11 @@ class WeakModelConfig(ModelConfig):
         for tower in ("vision", "text"):
             keys.update({f"model.weak.{tower}.{k}": v for k, v in vars(getattr(self.weak, tower)).items()})
         return keys
+
+    def init_adapter_runs(self) -> list[str]:
+        """The mae_contrastive run a reprogramming run takes its frozen adapters and heads from."""
+        w = self.weak
+        return [w.reprogram.init_from] if w.reprogram.init_from and w.objective != "mae_contrastive" else []
 
 
 def validate_job(job: object) -> None:
@@ -192,6 +203,14 @@ def validate_job(job: object) -> None:
         check(not texts, "model.weak.suite_embedding",
               f"is backbone (the ViT's [CLS], no text space), but eval.suites has {texts[0] if texts else ''}, "
               "which compares images with texts: set model.weak.suite_embedding=projected or drop that suite")
+    if w.objective != "mae_contrastive" and w.reprogram.init_from and \
+            os.path.isfile(os.path.join(w.reprogram.init_from, "config.yaml")):
+        from dodo.config.loader import load_job
+        other = load_job(os.path.join(w.reprogram.init_from, "config.yaml")).model
+        ok = getattr(other, "family", "") == "weak" and other.weak.objective == "mae_contrastive"
+        check(ok and not other.weak.replay.enabled, "model.weak.reprogram.init_from",
+              f"{w.reprogram.init_from} is not a weak mae_contrastive run without token replay (the source "
+              "model a reprogramming run freezes); name such a run directory")
     size = w.vision_image_size()
     if w.objective == "mae_contrastive" and size is not None:
         check(data.image_size == size, "data.image_size",

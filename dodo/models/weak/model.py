@@ -30,6 +30,7 @@ from torch import nn
 from dodo import losses
 from dodo.adapters.film import FiLMCondition
 from dodo.adapters.inject import freeze, inject
+from dodo.adapters.transfer import AdapterSource, start_from_sources
 from dodo.models.registry import InitState
 from dodo.models.weak.config import WeakModelConfig
 from dodo.models.weak.replay import TokenReplay
@@ -42,8 +43,8 @@ Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # texts -> 
 def build(cfg: WeakModelConfig, vocab_size: int, eos_token_id: int, mask_token_id: int | None = None,
           init: InitState | None = None) -> "WeakModel":
     """The family's model builder (FamilySpec.model); the loop seeds model.init_seed first."""
-    del mask_token_id, init
-    return WeakModel(cfg, vocab_size, eos_token_id)
+    del mask_token_id
+    return WeakModel(cfg, vocab_size, eos_token_id, init.adapters if init is not None else None)
 
 
 def build_text_encoder(cfg: WeakModelConfig, vocab_size: int, eos_token_id: int) -> nn.Module:
@@ -104,7 +105,10 @@ class MAEDecoder(nn.Module):
 
 
 class WeakModel(nn.Module):
-    def __init__(self, cfg: WeakModelConfig, vocab_size: int, eos_token_id: int):
+    def __init__(self, cfg: WeakModelConfig, vocab_size: int, eos_token_id: int,
+                 sources: list[AdapterSource] | None = None):
+        """``sources``: model.weak.reprogram.init_from's trainable state (read by the train layer,
+        dodo/train/init_from.py): its adapters, projections and temperature, loaded frozen."""
         super().__init__()
         w = cfg.weak
         self.cfg, self.objective = w, w.objective
@@ -135,8 +139,30 @@ class WeakModel(nn.Module):
                 self.token_map = TokenMap(self.text.get_input_embeddings().embedding_dim, d,
                                           w.reprogram.map, w.reprogram.map_hidden)
             self.label_map: LabelMap | None = None  # sized by attach_texts (needs the target classes)
+        for src in sources or []:
+            self._start_from(src)
         self.register_buffer("prompt_embedding", torch.zeros(t), persistent=False)
         self.register_buffer("source_embeddings", torch.zeros(0, w.projection_dim), persistent=False)
+
+    def _start_from(self, src: AdapterSource) -> None:
+        """A trained mae_contrastive run becomes the frozen source model: its adapters are
+        injected and loaded (dodo.adapters.transfer), its projections and temperature copied."""
+        if any(k.startswith("replay.") for k in src.state):
+            raise ValueError(f"model.weak.reprogram.init_from: {src.source} trained token replay, which a "
+                             "reprogramming run does not rebuild; reprogram a run without model.weak.replay")
+        if src.adapter.kind != "none":
+            if src.adapter.kind == "film":
+                self.film_condition = FiLMCondition(self.text.config.hidden_size)
+                self.film = src.adapter.film
+            self.init_adapters = start_from_sources(
+                self, [src], lambda a: inject(self, vit_block_specs(self.vit), a, self.film_condition))
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name in ("image_proj.weight", "text_proj.weight", "logit_scale"):
+                if name not in src.state or src.state[name].shape != params[name].shape:
+                    raise ValueError(f"model.weak.reprogram.init_from: {src.checkpoint} has no {name} of shape "
+                                     f"{tuple(params[name].shape)}: not a mae_contrastive run of this model")
+                params[name].copy_(src.state[name])
 
     # ------------------------------------------------------------ texts the task tokenises
 
