@@ -162,6 +162,8 @@ def method_table(collection: Any, layout: str = "methods", metric: str = "", met
         params = [e.summary.get("trainable_parameters") for e in done]
         params = [p for p in params if isinstance(p, (int, float))]
         cells = [_mean_std([finals[e.id][key] for e in done if key in finals[e.id]], key) for _, key in columns]
+        if done and all(c == "-" for c in cells):
+            continue  # finished runs that do not measure these columns (a chain's pretext stages)
         rows.append([method, seeds, _int(statistics.mean(params)) if params else "-"] + cells)
     return header, rows
 
