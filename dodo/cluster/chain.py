@@ -245,7 +245,8 @@ class Chain:
         stages = list(dict.fromkeys(i.stage for i in self.instances))
         seeds = {tuple(i.seed) for i in self.instances if i.seed is not None}
         return (f"chain {self.path.parent.name}/{self.path.name}: {' -> '.join(stages)}"
-                + (f" x {len(seeds)} seed{'s' if len(seeds) > 1 else ''}" if seeds else "") + f" ({data.get('backend', 'not submitted')})")
+                + (f" x {len(seeds)} seed{'s' if len(seeds) > 1 else ''}" if seeds else "")
+                + f" ({data.get('backend', 'not submitted')})")
 
     def note(self, inst: Instance, state_of: Callable[[RunDir], str]) -> str:
         """Why a stage did not run: the stage it waited for failed (named, with its log)."""
