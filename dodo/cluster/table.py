@@ -229,7 +229,10 @@ def write_table(collection: Any, layout: str = "points", state_of: Callable | No
     """table.md / table.csv (table_<layout>.* for the method layouts) in the folder; the markdown."""
     if layout not in LAYOUTS:
         raise FileNotFoundError(f"--layout {layout}: no such layout; use one of {', '.join(LAYOUTS)}")
-    header, rows = points_table(collection, state_of) if layout == "points" else method_table(collection, layout, **options)
+    if layout == "points":
+        header, rows = points_table(collection, state_of)
+    else:
+        header, rows = method_table(collection, layout, **options)
     md = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                    + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
     buf = io.StringIO()
