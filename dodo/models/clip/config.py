@@ -129,8 +129,8 @@ class ClipModelConfig(ModelConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.adapter.kind != "film" or self.adapter.film.condition == "task", "adapter.film.condition",
-              "is image, which would make the text tower depend on the image; a dual encoder cannot "
-              "do that: set model.adapter.film.condition=task")
+              f"is {self.adapter.film.condition}, which would make one tower depend on the other's input; a "
+              "dual encoder cannot do that: set model.adapter.film.condition=task")
 
     def frozen_base(self) -> dict[str, object]:
         keys = super().frozen_base()

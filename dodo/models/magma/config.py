@@ -101,6 +101,10 @@ class MagmaModelConfig(ModelConfig):
         super().__post_init__()
         check(0.0 <= self.prefix_dropout < 1.0, "prefix_dropout",
               f"must be in [0, 1), got {self.prefix_dropout}")
+        check(self.adapter.kind != "film" or self.adapter.film.condition in ("image", "task"),
+              "adapter.film.condition", f"is {self.adapter.film.condition}, which MAGMA does not build (its "
+              "FiLM is conditioned on the image or a task id; language conditioning is the weak family's): "
+              "set model.adapter.film.condition=image or task")
         if self.moe.enabled:  # the blocks that get MoE adapters must exist and hold a bottleneck adapter
             n = self.lm.n_layer
             for i in self.moe.layers:
