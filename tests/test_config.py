@@ -393,3 +393,35 @@ def test_shipped_fragments_load_on_their_own(path: Path | None) -> None:
         pytest.skip("no configs/**/*.yaml in the repository yet")
     load_job(path, configs_dir=REPO / "configs")
 
+
+
+# Real-size jobs (the ones a researcher adapts to a cluster) say what they measure and on which
+# datasets. A few measure themselves through their task on data.eval_cache instead; each says why.
+REAL_SIZE = sorted(p for p in SHIPPED_JOBS
+                   if any(tag in p.stem for tag in ("vitb16", "_base", "_large", "cc3m", "gptj"))
+                   or p.stem == "magma_mae")
+MEASURED_BY_THEIR_TASK = {
+    "masked_adapters_mim_vitb16": "pretext stage: held-out masked-patch L1 (eval.mim_l1)",
+    "masked_adapters_mlm_vitb16": "pretext stage: held-out masked-token accuracy (eval.mlm_accuracy)",
+    "prompt_coop_vitb16": "base / new class top-1 on data.eval_cache (eval.prompt.*)",
+    "prompt_structured_vitb16": "base / new class top-1 on data.eval_cache (eval.prompt.*)",
+    "weak_reprogram_vitb16": "target-task top-1 through the label map on data.eval_cache",
+    "weak_cross_modal_vitb16": "target-task top-1 through the label map on data.eval_cache",
+}
+
+
+@pytest.mark.parametrize("path", REAL_SIZE, ids=lambda p: p.name)
+def test_real_size_jobs_name_their_suites_and_datasets(path: Path) -> None:
+    cfg = load_job(path)
+    if path.stem in MEASURED_BY_THEIR_TASK:
+        assert cfg.data.eval_cache, f"{path.name}: {MEASURED_BY_THEIR_TASK[path.stem]} needs data.eval_cache"
+        return
+    assert cfg.eval.suites, f"{path.name} names no eval.suites (configs/eval/*.yaml has the usual ones)"
+    for suite in cfg.eval.suites:
+        assert suite.kind != "shapes", f"{path.name}: the shapes suite is for the synthetic data only"
+        for d in suite.datasets:
+            assert d.name != "heldout" or suite.kind == "captioning", (path.name, suite.kind, d.name)
+
+
+def test_every_real_size_job_is_checked() -> None:
+    assert len(REAL_SIZE) >= 15 and set(MEASURED_BY_THEIR_TASK) <= {p.stem for p in REAL_SIZE}
