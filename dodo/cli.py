@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("job", help="jobs/<name>.yaml")
     sw.add_argument("overrides", nargs="*", help="key.path=value overrides shared by every point")
     sw.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
-                    help="e.g. --grid train.lr=1e-4,3e-4 train.seed=0,1 (the product of all; with listed "
+                    help="e.g. --grid train.lr=1e-4,3e-4 data.seed=0,1 (the product of all; with listed "
                          "points, every point at every grid combination)")
     sw.add_argument("--point", action="append", default=[], metavar="'[LABEL:] K=V ...'",
                     help="a listed point (repeatable), e.g. --point \"lora: model.adapter.kind=lora train.lr=1e-3\"")
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("table", help="a sweep's (or chain's) final metrics as markdown (and csv)")
     tb.add_argument("sweep", help="runs/<name>/sweep_<id> or runs/<name>/chain_<id>")
     tb.add_argument("--layout", default="points", choices=["points", "methods", "retrieval", "idood"],
-                    help="points: a row per point; methods: a row per method, mean ± std over train.seed; "
+                    help="points: a row per point; methods: a row per method, mean ± std over seeds (data.seed, model.init_seed, train.seed); "
                          "retrieval: T->I / I->T R@1/5/10; idood: one metric on ID / OOD datasets + OOD mean")
     tb.add_argument("--metric", default="", help="idood: the metric (top1, r_mean, ...; default: top1, r_mean)")
     tb.add_argument("--metrics", nargs="+", default=[], metavar="GLOB",

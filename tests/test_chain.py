@@ -66,7 +66,7 @@ def test_run_dirs_made_up_front_and_resolved_per_seed(tmp_path: Path):
     assert sorted(p.name for p in chain.path.iterdir()) == ["chain.json", "chain.yaml", "dense_s0", "dense_s1",
                                                             "job", "moe_s0", "moe_s1"]
     moe = configs[3]  # the same seed's dense run, an absolute path that exists before any stage runs
-    assert moe.model.moe.upcycle_from == str(chain.path / "dense_s1") and moe.train.seed == 1
+    assert moe.model.moe.upcycle_from == str(chain.path / "dense_s1") and moe.data.seed == 1  # the default seed key
     assert chain.instances[3].deps == ["dense_s1"] and moe.name == chain.instances[3].job_name
     assert (chain.path / "dense_s1" / "config.yaml").is_file() and moe.train.steps == 3
     assert chains.Chain.open(chain.path).instances == chain.instances

@@ -3,7 +3,7 @@ with scheduler dependencies (pretext stages then transfer; upcycling after a den
 
     name: masked                       # optional (default: the file's stem)
     seeds: [0, 1, 2]                   # optional: the whole chain once per seed
-    seed_key: train.seed               # optional: the key each seed sets (model.init_seed, data.seed)
+    seed_key: data.seed                # optional: the key each seed sets (default; or model.init_seed, train.seed)
     overrides: {train.steps: 200}      # optional: every stage (a mapping or a list of k=v)
     stages:
       mim: {job: jobs/masked_adapters_mim.yaml}
@@ -88,7 +88,7 @@ def read_chain(path: str) -> tuple[str, list[Any], list[tuple[str, Any]], list[S
     if unknown:
         raise ConfigError(f"chain file {path}: unknown key {sorted(unknown)[0]!r}; the keys are name, seeds, "
                           "seed_key, overrides, stages")
-    seed_key = data.get("seed_key", "train.seed")
+    seed_key = data.get("seed_key", "data.seed")  # train.seed alone only seeds dropout
     if seed_key not in SEED_KEYS:
         raise ConfigError(f"chain file {path}: seed_key must be one of {', '.join(SEED_KEYS)}, got {seed_key!r}")
     name = str(data.get("name") or file.stem)
