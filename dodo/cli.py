@@ -109,9 +109,9 @@ def _data_parser(sub) -> None:
     dc = dsub.add_parser("cache", help="cache an image-caption source as shards + manifest (resumable)")
     dc.add_argument("src", help="tars (file, folder or glob) | COCO captions JSON | Karpathy split JSON | "
                                 "CC3M TSV | class-folder tree or captions/labels CSV/TSV/JSONL | CIFAR "
-                                "folder | text file/folder | parallel-text JSONL (src/tgt) | synthetic split (train/eval)")
+                                "folder | SVHN .mat | text file/folder | parallel-text JSONL (src/tgt) | synthetic split (train/eval)")
     dc.add_argument("--from", dest="source", required=True,
-                    choices=["webdataset", "coco", "karpathy", "cc3m", "folder", "cifar", "text", "parallel",
+                    choices=["webdataset", "coco", "karpathy", "cc3m", "folder", "cifar", "svhn", "text", "parallel",
                              "synthetic"])
     dc.add_argument("--out", required=True, help="cache folder to write (or finish)")
     dc.add_argument("--store", choices=["hdf5", "zarr"], default="hdf5")
@@ -126,7 +126,7 @@ def _data_parser(sub) -> None:
     dc.add_argument("--seed", type=int, default=1234, help="synthetic: generator seed")
     dc.add_argument("--tokenizer", default="", help="also store captions pre-tokenised with this tokenizer")
     dc.add_argument("--split", default="", help="karpathy: train|restval|val|test or a comma list; cifar: "
-                                                "train|test; others: recorded in the manifest")
+                                                "train|test; svhn: train|test|extra; others: recorded in the manifest")
     dc.add_argument("--classnames", default="", help="class-names file (folder, cifar, labelled sources): "
                                                      "one per line, 'wnid name' lines or JSON")
     dc.add_argument("--block", type=int, default=0, help="text: token blocks of N tokens (needs --tokenizer); "

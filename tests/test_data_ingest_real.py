@@ -305,3 +305,30 @@ def test_real_caches_helper_builds_every_format(tmp_path: Path) -> None:
     assert not any(f["synthetic"] for f in feeds.values())
     s = CachedDataset(caches["imagenet_val"])[0]
     assert s.image.shape == (16, 16, 3) and s.caption == "" and s.label == 0
+
+
+def test_svhn_mat_files(tmp_path: Path):
+    """SVHN format 2 as distributed (MATLAB v5 written by scipy): X (32, 32, 3, N), y 1..10 with
+    10 = the digit 0; a folder + --split or the file itself; a file without X is refused."""
+    from scipy.io import savemat
+
+    from dodo.data.dataset import CachedDataset
+    from dodo.data.manifest import describe
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(32, 32, 3, 12), dtype=np.uint8)
+    y = np.array([[1], [10], [3], [10], [5], [6], [7], [8], [9], [2], [4], [1]], dtype=np.uint8)
+    root = tmp_path / "svhn"
+    root.mkdir()
+    savemat(str(root / "test_32x32.mat"), {"X": x, "y": y})
+    out = dh.make_cache(root, "svhn", tmp_path / "svhn_test", split="test", encode="raw", image_size=32)
+    m = describe(str(out))
+    assert (m.dataset, m.split, m.modality, m.has_labels) == ("svhn", "test", "image", True)
+    assert m.classnames[0] == "zero" and m.class_ids == [str(d) for d in range(10)]
+    ds = CachedDataset(str(out), verify="none")
+    assert list(ds.labels()) == [int(v) % 10 for v in y[:, 0]]
+    assert np.array_equal(ds[1].image, x[:, :, :, 1]) and ds[1].label == 0
+    savemat(str(tmp_path / "bad.mat"), {"images": x})
+    with pytest.raises(Exception, match="no X / y"):
+        dh.make_cache(tmp_path / "bad.mat", "svhn", tmp_path / "bad_cache")
+    assert not (tmp_path / "bad_cache").exists()

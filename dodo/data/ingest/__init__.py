@@ -35,6 +35,7 @@ SOURCES: dict[str, str] = {
     "cc3m": "dodo.data.ingest.cc3m:CC3MSource",
     "folder": "dodo.data.ingest.folder:FolderSource",
     "cifar": "dodo.data.ingest.cifar:CifarSource",
+    "svhn": "dodo.data.ingest.svhn:SvhnSource",
     "text": "dodo.data.ingest.text:TextSource",
     "parallel": "dodo.data.ingest.parallel:ParallelSource",
     "synthetic": "dodo.data.ingest.synthetic:SyntheticSource",
