@@ -84,7 +84,7 @@ def test_resolved_config_holds_only_its_family_keys(tmp_path: Path, job: str, ow
     ("model.clip.loss=mpm_nce", "model.clip: belongs to model.family=clip, but this job's model.family is magma; "
                                 "remove model.clip"),
     ("model.vlmo.rerank_k=2", "model.vlmo: belongs to model.family=vlmo"),
-    ("model.family=nope", "model.family: must name a registered model family (clip, magma, vlmo), got 'nope'"),
+    ("model.family=nope", "model.family: must name a registered model family (clip, lang_adapter, magma, prompt, vlmo, weak), got 'nope'"),
 ])
 def test_another_familys_key_is_an_error_naming_the_fix(override: str, fix: str):
     with pytest.raises(ConfigError, match="^command line override: " + fix.replace("(", r"\(").replace(")", r"\)")):

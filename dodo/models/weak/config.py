@@ -207,7 +207,7 @@ def validate_job(job: object) -> None:
             os.path.isfile(os.path.join(w.reprogram.init_from, "config.yaml")):
         from dodo.config.loader import load_job
         other = load_job(os.path.join(w.reprogram.init_from, "config.yaml")).model
-        ok = getattr(other, "family", "") == "weak" and other.weak.objective == "mae_contrastive"
+        ok = isinstance(other, WeakModelConfig) and other.weak.objective == "mae_contrastive"
         check(ok and not other.weak.replay.enabled, "model.weak.reprogram.init_from",
               f"{w.reprogram.init_from} is not a weak mae_contrastive run without token replay (the source "
               "model a reprogramming run freezes); name such a run directory")
