@@ -106,3 +106,33 @@ def test_limber_job_on_karpathy_coco(workdir: Path, real_data) -> None:
     assert summary["trainable_parameters"] == 32 * 32 + 32
     evals = [m for m in metrics(run) if "eval.loss" in m]
     assert evals[-1]["eval.loss"] < evals[0]["eval.loss"] and "eval.cider" in evals[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_mae_lm_trains_on_two_ranks(workdir: Path, real_data) -> None:
+    """MAE + LM through the MAGMA path (jobs/magma_mae.yaml): a frozen timm MAE ViT (a random-weight
+    checkpoint saved as MAE's release wraps it) feeding a frozen LM through adapters, trained on
+    the Karpathy-COCO cache on 2 ranks; the held-out caption loss falls."""
+    import torch
+
+    from dodo.models.sources.libs import import_timm
+
+    tiny = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    torch.manual_seed(0)
+    mae = import_timm().create_model("vit_base_patch16_224.mae", pretrained=False, num_classes=0, **tiny)
+    ckpt = workdir / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": mae.state_dict()}, ckpt)
+    suites = f"eval.suites=[{{kind: captioning, datasets: [{{name: coco, cache: '', tag: id}}]}}]"
+    dodo("submit", "jobs/magma_mae.yaml", *real_magma(real_data), suites,
+         f"model.image_encoder.source.path={ckpt}", f"model.image_encoder.source.arch_kwargs='{json.dumps(tiny)}'",
+         "model.image_encoder.source.dtype=float32", "model.image_encoder.image_size=32",
+         "model.image_encoder.patch_size=8", "data.image_size=32", "data.num_workers=0", "data.verify=none",
+         "model.lm.source.kind=random", "model.lm.source.path=''", "model.lm.arch=gpt2", "model.lm.n_layer=2",
+         "--cluster", "local", "train.precision=fp32", "train.steps=40", "train.micro_batch=8", "train.grad_accum=1", "train.lr=1e-2",
+         "train.warmup_steps=2", "train.eval_every=40", "train.save_every=40", "train.log_every=10",
+         "train.caption_samples=4", cwd=workdir, timeout=600)
+    (run,) = run_dirs(workdir / "runs", "magma_mae")
+    evals = [m for m in metrics(run) if "eval.loss" in m]
+    assert evals[-1]["eval.loss"] < evals[0]["eval.loss"], evals
+    assert "eval.captioning.coco.cider" in json.dumps(json.loads((run / "summary.json").read_text()))
