@@ -332,3 +332,22 @@ def test_svhn_mat_files(tmp_path: Path):
     with pytest.raises(Exception, match="no X / y"):
         dh.make_cache(tmp_path / "bad.mat", "svhn", tmp_path / "bad_cache")
     assert not (tmp_path / "bad_cache").exists()
+
+
+def test_a_names_file_in_another_order_than_the_folders_is_refused(tmp_path: Path):
+    """Folders eight/ five/ ... sort alphabetically; a names file listing the same folder names in
+    digit order would give every class another's name: refused, with the fix."""
+    from PIL import Image
+
+    names = ["zero", "one", "two"]
+    for i, name in enumerate(names):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(tmp_path / "tree" / name / "a.png")
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")  # not the sorted folder order
+    with pytest.raises(Exception, match="another order than the labels"):
+        dh.make_cache(tmp_path / "tree", "folder", tmp_path / "bad", classnames=str(tmp_path / "names.txt"))
+    assert not (tmp_path / "bad").exists()
+    (tmp_path / "sorted.txt").write_text("\n".join(sorted(names)) + "\n")
+    out = dh.make_cache(tmp_path / "tree", "folder", tmp_path / "ok", classnames=str(tmp_path / "sorted.txt"))
+    from dodo.data.manifest import describe
+    assert describe(str(out)).classnames == sorted(names)

@@ -78,4 +78,11 @@ def resolve_classnames(file: str, class_ids: Sequence[str]) -> list[str]:
         raise SourceError(f"--classnames {file} lists {len(names)} names for {len(class_ids)} classes; "
                           "a plain list needs one name per class, in sorted class order (or use a "
                           "'wnid name' / JSON mapping file)")
+    if sorted(names) == sorted(class_ids) and list(names) != list(class_ids):
+        # The folder names themselves, listed in another order: read by position, every class
+        # would get another's name (zero-shot then scores at chance without any error).
+        raise SourceError(f"--classnames {file} lists the class folder names in another order than the "
+                          f"labels (sorted folder order: {', '.join(list(class_ids)[:4])}, ...); a plain list "
+                          "is read by position: reorder it, or drop --classnames (the folder names are "
+                          "then the class names)")
     return names
