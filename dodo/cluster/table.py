@@ -35,8 +35,9 @@ LAYOUTS = ("points", "methods", "retrieval", "idood")
 # seeds the training RNG (dropout); data.seed the data order (and the synthetic data);
 # model.init_seed the random-init weights (tiny random-init towers: the frozen base and the
 # adapters' initialisation). Without dropout only the last two make runs differ.
-SEED_KEYS = ("train.seed", "data.seed", "model.init_seed")
-PERCENT = re.compile(r"(^|_)(r\d+|r_mean|top\d+|accuracy|acc)$")
+# model.prompt.shot_seed draws a few-shot training set (prompt learning's replicates).
+SEED_KEYS = ("train.seed", "data.seed", "model.init_seed", "model.prompt.shot_seed")
+PERCENT = re.compile(r"(^|_)(r\d+|r_mean|top\d+|accuracy|acc|hm)$")  # hm: harmonic mean of top-1s
 # The two retrieval directions: suite keys (t2i/i2t) and the in-training ones (ir = t2i, tr = i2t).
 DIRECTIONS = (("T→I", ("t2i_r", "ir_r")), ("I→T", ("i2t_r", "tr_r")))
 
