@@ -30,3 +30,13 @@ def to_model_images(images: Any, mean: Sequence[float], std: Sequence[float]) ->
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"float images must be normalised (B, 3, H, W), got {tuple(x.shape)}")
     return x.float()
+
+
+@torch.no_grad()
+def image_features(model: Any, images: Any, collate: Any) -> torch.Tensor:
+    """The suites' ``encode_images`` of a task whose model has ``encode_image(pixels)``: uint8
+    (B, H, W, 3) or normalised float (B, 3, H, W), normalised with the collator's mean / std ->
+    (B, D) float on the CPU (unit norm when the model's features are)."""
+    device = next(model.parameters()).device
+    pixels = to_model_images(images, collate.image_mean, collate.image_std)
+    return model.encode_image(pixels.to(device)).float().cpu()

@@ -29,7 +29,7 @@ from dodo.data.tokenizer import load_tokenizer
 from dodo.eval.retrieval import recall_at_k
 from dodo.models.registry import InitState
 from dodo.tasks import Task, build_family_model
-from dodo.tasks.encoders import to_model_images
+from dodo.tasks.encoders import image_features
 
 EVAL_BATCH = 128
 
@@ -89,9 +89,7 @@ class LangAdapterTask(Task):
     @torch.no_grad()
     def encode_images(self, model: nn.Module, images: Any) -> torch.Tensor:
         """uint8 (B, H, W, 3) or normalised float (B, 3, H, W) -> (B, D) unit norm (CLIP's vision tower)."""
-        device = next(model.parameters()).device
-        pixels = to_model_images(images, self.collate.image_mean, self.collate.image_std)
-        return model.encode_image(pixels.to(device)).float().cpu()
+        return image_features(model, images, self.collate)
 
     @torch.no_grad()
     def encode_texts(self, model: nn.Module, texts: list[str]) -> torch.Tensor:

@@ -31,7 +31,7 @@ from dodo.models.prompt.config import base_split
 from dodo.models.prompt.model import PromptCLIP
 from dodo.models.registry import InitState
 from dodo.tasks import Task
-from dodo.tasks.encoders import to_model_images
+from dodo.tasks.encoders import image_features, to_model_images
 
 HANDCRAFTED = "a photo of a {}."  # CLIP's plain template: the baseline of CoOp's tables
 
@@ -75,9 +75,7 @@ class PromptTask(Task):
 
     @torch.no_grad()
     def encode_images(self, model: nn.Module, images: Any) -> torch.Tensor:
-        device = next(model.parameters()).device
-        pixels = to_model_images(images, self.collate.image_mean, self.collate.image_std)
-        return model.encode_image(pixels.to(device)).float().cpu()
+        return image_features(model, images, self.collate)
 
     @torch.no_grad()
     def encode_texts(self, model: nn.Module, texts: list[str]) -> torch.Tensor:
