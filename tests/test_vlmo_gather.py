@@ -79,6 +79,10 @@ def _worker(rank: int, port: int, out: str) -> None:
             g /= 2
         if rank == 0:
             torch.save({"loss": float(mean) / 2, "grads": grads}, out)
+        # Both ranks done with every collective before either tears gloo down: a rank destroying
+        # its group while the other still uses the pair aborted the process ("terminate called
+        # without an active exception") once in CI on a loaded machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
