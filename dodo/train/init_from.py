@@ -53,23 +53,29 @@ def _trainable_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- adapters of earlier runs
 
 
-def read_adapter_source(source: str, own: Any) -> AdapterSource:
-    """One earlier run -> its adapter config and newest trainable state; refuses a run trained
-    on another frozen base than ``own`` (this run's ModelConfig)."""
+def _earlier_run(source: str, key: str, what: str) -> tuple[RunDir, Any, Any]:
+    """An earlier run named by ``key`` -> (its RunDir, newest checkpoint, ModelConfig); a missing
+    directory or a run without a published checkpoint is one message naming ``key``."""
     from dodo.config.loader import load_job
 
     if not Path(source).exists():
-        raise FileNotFoundError(f"{ADAPTERS_KEY}: {source} does not exist; name the run directory printed by "
+        raise FileNotFoundError(f"{key}: {source} does not exist; name the run directory printed by "
                                 "`dodo submit` for the earlier stage (runs/<name>/<id>)")
     try:
         run = RunDir.open(source)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{ADAPTERS_KEY}: {err}") from None
+        raise FileNotFoundError(f"{key}: {err}") from None
     ckpt = checkpoint.latest(run)
     if ckpt is None:
-        raise FileNotFoundError(f"{ADAPTERS_KEY}: {run.path} has no published checkpoint; finish that run first "
+        raise FileNotFoundError(f"{key}: {run.path} has no published checkpoint; finish that {what} first "
                                 f"(`dodo submit {run.path}` resumes it)")
-    other = load_job(run.config).model
+    return run, ckpt, load_job(run.config).model
+
+
+def read_adapter_source(source: str, own: Any) -> AdapterSource:
+    """One earlier run -> its adapter config and newest trainable state; refuses a run trained
+    on another frozen base than ``own`` (this run's ModelConfig)."""
+    run, ckpt, other = _earlier_run(source, ADAPTERS_KEY, "run")
     mine, theirs = own.frozen_base(), other.frozen_base()
     diffs = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in mine.items() if theirs.get(k) != v]
     if other.init_adapter_runs():
@@ -89,22 +95,9 @@ def read_stage_weights(source: str, family: str, key: str = "model.vlmo.init_fro
     """An earlier stage's run -> the weights it ended with. Checkpoints hold trainable tensors
     only, so a stage that froze some (VLMo's text stage freezes attention and the image expert)
     is merged over the stage it started from, recursively: oldest first, newer values win."""
-    from dodo.config.loader import load_job
-
     if depth > 16:
         raise ValueError(f"{key}: the chain of stages through {source} is longer than 16 (a cycle?)")
-    if not Path(source).exists():
-        raise FileNotFoundError(f"{key}: {source} does not exist; name the run directory printed by "
-                                "`dodo submit` for the earlier stage (runs/<name>/<id>)")
-    try:
-        run = RunDir.open(source)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{key}: {err}") from None
-    ckpt = checkpoint.latest(run)
-    if ckpt is None:
-        raise FileNotFoundError(f"{key}: {run.path} has no published checkpoint; finish that stage first "
-                                f"(`dodo submit {run.path}` resumes it)")
-    other = load_job(run.config).model
+    run, ckpt, other = _earlier_run(source, key, "stage")
     if other.family != family:
         raise ValueError(f"{key}: {source} is a model.family={other.family} run, this one is {family}; "
                          "start from a run of the same family")
