@@ -16,8 +16,14 @@ datasets, so every run goes through `dodo data cache` like COCO or ImageNet woul
 - `shift/{inverted,tinted}/<name>/*.png` and `shift_captions/`: the test scans rendered
   differently (white ink on black; coloured ink on a coloured, noisy background): the
   out-of-distribution sets, as ImageNet-R / -Sketch are renditions of ImageNet's classes.
+- German (the language adapter's second language; bench/results/german.py): `text_de/`
+  (corpus.txt: the train scans' German captions; val.txt: the val scans'), `parallel/`
+  ({train,val}_en_de.jsonl: {"src": English, "tgt": German}, caption by caption), German
+  Karpathy JSON for the test scans (`captions_de/`, `shift_captions_de/{inverted,tinted}/`,
+  the images are the English sets'), `classnames_de.txt` (label order) and `templates_de.txt`.
 
-    python bench/results/digits.py OUT     # then bench/results/caches.sh OUT
+    python bench/results/digits.py OUT            # then bench/results/caches.sh OUT
+    python bench/results/digits.py OUT --german   # the German parts only (OUT already written)
 """
 
 from __future__ import annotations
@@ -68,7 +74,9 @@ def _render(scan: np.ndarray, style: str, rng: np.random.Generator) -> Image.Ima
     return img.resize((SIZE, SIZE), Image.BICUBIC)
 
 
-def write(out: Path, n_test: int = 400, n_val: int = 100) -> None:
+def scans_and_splits(n_test: int = 400, n_val: int = 100) -> tuple[np.ndarray, np.ndarray, dict[int, str],
+                                                                     dict[str, np.ndarray]]:
+    """(scans (N, 8, 8), labels (N,), scan index -> split, per-class attribute medians)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -84,6 +92,11 @@ def write(out: Path, n_test: int = 400, n_val: int = 100) -> None:
         stats["height"].append(rows[-1] - rows[0] + 1 if len(rows) else 0)
         stats["slant"].append(float(np.cov(xx, -yy)[0, 1]) if len(xx) > 2 else 0.0)
     medians = {k: np.array([np.median(np.asarray(v)[labels == c]) for c in range(10)]) for k, v in stats.items()}
+    return scans, labels, split, medians
+
+
+def write(out: Path, n_test: int = 400, n_val: int = 100) -> None:
+    scans, labels, split, medians = scans_and_splits(n_test, n_val)
 
     rng = np.random.default_rng(1)
     for style, root in (("plain", "captions"), ("inverted", "shift_captions/inverted"),
@@ -130,9 +143,20 @@ def write(out: Path, n_test: int = 400, n_val: int = 100) -> None:
               if img["split"] == "train" for c in (s["raw"][:-1].lower() for s in img["sentences"])]
     (out / "text").mkdir(exist_ok=True)
     (out / "text" / "corpus.txt").write_text("\n".join(corpus) + "\n")
+    write_german(out, n_test, n_val)
+
+
+def write_german(out: Path, n_test: int = 400, n_val: int = 100) -> None:
+    """The German parts (module docstring); draws no random numbers, so the other outputs stay as they were."""
+    from german import write as german  # bench/results/german.py, beside this file
+
+    scans, labels, split, medians = scans_and_splits(n_test, n_val)
+    attrs = [_attributes(scan, int(label), medians) for scan, label in zip(scans, labels)]
+    german(out, [int(x) for x in labels], attrs, split, NAMES, _captions)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python bench/results/digits.py OUT_FOLDER")
-    write(Path(sys.argv[1]))
+    args = [a for a in sys.argv[1:] if a != "--german"]
+    if len(args) != 1:
+        sys.exit("usage: python bench/results/digits.py OUT_FOLDER [--german]")
+    (write_german if "--german" in sys.argv else write)(Path(args[0]))
