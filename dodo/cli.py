@@ -109,10 +109,11 @@ def _data_parser(sub) -> None:
     dc = dsub.add_parser("cache", help="cache an image-caption source as shards + manifest (resumable)")
     dc.add_argument("src", help="tars (file, folder or glob) | COCO captions JSON | Karpathy split JSON | "
                                 "CC3M TSV | class-folder tree or captions/labels CSV/TSV/JSONL | CIFAR "
-                                "folder | SVHN .mat | text file/folder | parallel-text JSONL (src/tgt) | synthetic split (train/eval)")
+                                "folder | SVHN .mat | text file/folder | parallel-text JSONL (src/tgt) | VQA v2 questions JSON | "
+                                "NLVR2 .json (JSON lines) | synthetic split (train/eval)")
     dc.add_argument("--from", dest="source", required=True,
                     choices=["webdataset", "coco", "karpathy", "cc3m", "folder", "cifar", "svhn", "text", "parallel",
-                             "synthetic"])
+                             "vqa", "nlvr2", "synthetic"])
     dc.add_argument("--out", required=True, help="cache folder to write (or finish)")
     dc.add_argument("--store", choices=["hdf5", "zarr"], default="hdf5")
     dc.add_argument("--encode", choices=["jpeg", "raw"], default="jpeg",
@@ -133,6 +134,8 @@ def _data_parser(sub) -> None:
                                                          "0 = one sample per line")
     dc.add_argument("--dataset", default="", help="dataset name for the manifest when the source cannot "
                                                   "tell (e.g. imagenet1k, imagenet_r)")
+    dc.add_argument("--min-count", type=int, default=0, help="vqa: answers given fewer times are left out of "
+                                                             "the answer vocabulary (0 = the standard 9)")
     dv = dsub.add_parser("verify", help="check every shard of a cache against its manifest checksums")
     dv.add_argument("cache")
 
@@ -436,7 +439,7 @@ def cmd_data(args: argparse.Namespace) -> int:
                             samples_per_shard=args.samples_per_shard, workers=args.workers,
                             images=args.images, num=args.num, seed=args.seed, tokenizer=args.tokenizer,
                             split=args.split, classnames=args.classnames, block=args.block,
-                            dataset=args.dataset)
+                            dataset=args.dataset, min_count=args.min_count)
         build_cache(opts)
         return 0
     except (SourceError, CacheError) as err:

@@ -144,6 +144,7 @@ def test_import_cli_pulls_in_no_torch():
                                   ["submit", "jobs/lang_adapter_vitb16.yaml", "--dry-run"],  # dodo.models.lang_adapter.config
                                   ["submit", "jobs/weak_reprogram_vitb16.yaml", "--dry-run"],  # dodo.models.weak.config
                                   ["submit", "jobs/vlmo_stage_mlm.yaml", "--dry-run"],  # dodo.models.vlmo.config
+                                  ["submit", "jobs/vlmo_vqa_base.yaml", "--dry-run"],  # its fine-tuning checks
                                   ["status"], ["sweep", "jobs/demo.yaml", "--grid", "train.lr=1e-4,2e-4", "--dry-run"]])
 def test_submit_dry_run_and_status_import_no_torch(workdir: Path, args):
     """-X importtime lists every module imported (stderr, one line each, the name last)."""

@@ -407,6 +407,8 @@ MEASURED_BY_THEIR_TASK = {
     "prompt_structured_vitb16": "base / new class top-1 on data.eval_cache (eval.prompt.*)",
     "weak_reprogram_vitb16": "target-task top-1 through the label map on data.eval_cache",
     "weak_cross_modal_vitb16": "target-task top-1 through the label map on data.eval_cache",
+    "vlmo_vqa_base": "VQA accuracy on the val2014 questions cache (eval.vqa_score)",
+    "vlmo_nlvr2_base": "NLVR2 dev accuracy (eval.nlvr2_accuracy)",
 }
 
 

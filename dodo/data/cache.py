@@ -58,6 +58,7 @@ class CacheOptions:
     classnames: str = ""  # folder / cifar / labels: a class-names file
     block: int = 0  # text: cut the token stream into blocks of this many tokens (0: lines)
     dataset: str = ""  # the manifest's dataset name when the source cannot tell (imagenet1k, ...)
+    min_count: int = 0  # vqa: answers given fewer times leave the vocabulary (0: the standard 9)
 
     def check(self) -> None:
         if self.source not in SOURCE_KINDS:
@@ -77,6 +78,8 @@ class CacheOptions:
             raise SourceError(f"--workers must be >= 0, got {self.workers}")
         if self.block < 0:
             raise SourceError(f"--block must be >= 0, got {self.block}")
+        if self.min_count < 0:
+            raise SourceError(f"--min-count must be >= 0, got {self.min_count}")
         if self.block and not self.tokenizer:
             raise SourceError("--block N cuts text into token blocks: give --tokenizer (a local "
                               "tokenizer.json or folder) too")
@@ -92,7 +95,7 @@ class CacheOptions:
         return d
 
 
-_LATER_DEFAULTS: dict[str, Any] = {"split": "", "classnames": "", "block": 0, "dataset": ""}
+_LATER_DEFAULTS: dict[str, Any] = {"split": "", "classnames": "", "block": 0, "dataset": "", "min_count": 0}
 
 
 @dataclass
@@ -216,7 +219,8 @@ def build_cache(opts: CacheOptions, log: Callable[[str], None] = lambda m: print
     out = Path(opts.out).expanduser()
     source = open_source(opts.source, opts.src, images=opts.images, num=opts.num, seed=opts.seed,
                          image_size=opts.image_size, split=opts.split, classnames=opts.classnames,
-                         block=opts.block, tokenizer=opts.tokenizer, dataset=opts.dataset)
+                         block=opts.block, tokenizer=opts.tokenizer, dataset=opts.dataset,
+                         min_count=opts.min_count)
     if (out / MANIFEST).exists():
         manifest = Manifest.load(out)
         if manifest.options != opts.identity():
@@ -303,6 +307,8 @@ def _finish(out: Path, opts: CacheOptions, source: Source, plan: list, results: 
                                    meta["modality"] != "image" else {}), **meta)
     if manifest.num_samples == 0:
         raise CacheError(f"every sample of {opts.src} was bad ({_counts(counts)}); see {out / REPORT}")
+    for name, table in source.tables().items():  # e.g. VQA's questions: before the manifest (= complete)
+        write_atomic(out / name, json.dumps(table, separators=(",", ":")) + "\n")
     manifest.save(out)
     log(f"dodo: cache {out} complete: {manifest.num_samples} samples, {manifest.num_captions} captions, "
         f"{len(shards)} shards; skipped {len(bad)} bad samples" +

@@ -38,6 +38,8 @@ SOURCES: dict[str, str] = {
     "svhn": "dodo.data.ingest.svhn:SvhnSource",
     "text": "dodo.data.ingest.text:TextSource",
     "parallel": "dodo.data.ingest.parallel:ParallelSource",
+    "vqa": "dodo.data.ingest.vqa:VqaSource",
+    "nlvr2": "dodo.data.ingest.nlvr2:Nlvr2Source",
     "synthetic": "dodo.data.ingest.synthetic:SyntheticSource",
 }
 SOURCE_KINDS: tuple[str, ...] = tuple(SOURCES)
@@ -67,8 +69,9 @@ class Source(abc.ABC):
 
     def __init__(self, src: str, images: Optional[str] = None, num: int = 0, seed: int = 1234,
                  image_size: int = 0, split: str = "", classnames: str = "", block: int = 0,
-                 tokenizer: str = "", dataset: str = "") -> None:
+                 tokenizer: str = "", dataset: str = "", min_count: int = 0) -> None:
         self.src, self.images_dir, self.num, self.seed = src, images, num, seed
+        self.min_count = min_count  # vqa: answers given fewer times are not in the vocabulary
         self.image_size = image_size
         self.split, self.classnames_file, self.block = split, classnames, block
         self.tokenizer, self.dataset = tokenizer, dataset
@@ -88,6 +91,11 @@ class Source(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": self.src, "images": self.images_dir}
+
+    def tables(self) -> dict[str, Any]:
+        """JSON tables the cache builder writes beside the shards, file name -> object (known
+        after ``items()``): e.g. VQA's questions and answers, joined to the images by key."""
+        return {}
 
     def meta(self) -> dict[str, Any]:
         """Manifest facts known after ``items()`` (see dodo.data.manifest.Manifest)."""

@@ -7,6 +7,11 @@ previous one's weights through ``model.vlmo.init_from``, read by dodo/train/init
   mlm  text-only MLM; attention and the image expert frozen, the text expert trains
   vl   image-text ITC (+ the VL contrastive head on the top layers) + ITM with hard negatives
        + MLM; everything trains. Retrieval fine-tuning is this stage on the target data.
+Fine-tuning stages (from an earlier stage's run by ``init_from``; everything trains):
+  vqa    VQA v2: the answer classifier (``vqa_answers`` = the training cache's vocabulary
+         size) on the fused [T_CLS], BCE on soft scores; caches built ``--from vqa``
+  nlvr2  NLVR2: one statement fused with each of two images (``nlvr2: true``); caches built
+         ``--from nlvr2``. Both need ``data.eval_cache`` (VQA v2 val2014 / NLVR2 dev).
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ from dodo.config.errors import check
 from dodo.models.config import ModelConfig
 
 
-STAGES = ("mim", "mlm", "vl")
+STAGES = ("mim", "mlm", "vl", "vqa", "nlvr2")
+FINETUNE = ("vqa", "nlvr2")  # stages read from caches built --from vqa / --from nlvr2
 
 
 @dataclass
 class VlmoConfig:
-    stage: str = "vl"  # mim | mlm | vl (see the module docstring)
+    stage: str = "vl"  # mim | mlm | vl | vqa | nlvr2 (see the module docstring)
     # An earlier stage's run directory (runs/<name>/<id>): this run starts from its weights
     # (and, through its own init_from, from the stages before it). "": from model.init_seed.
     init_from: str = field(default="", metadata=MUST_EXIST)
@@ -62,6 +68,8 @@ class VlmoConfig:
     mim_codebook_seed: int = 0
     # Fine-tuning heads on the fused [T_CLS] (built when set): VQA answer classifier over
     # vqa_answers answers (BCE on soft scores); NLVR2 (two images, one text, binary).
+    # Stage vqa: must equal the training cache's vocabulary size (3129 for the standard list);
+    # 0 takes it from data.train_cache's manifest at submit (the resolved config.yaml records it).
     vqa_answers: int = 0
     nlvr2: bool = False
 
@@ -96,6 +104,8 @@ class VlmoConfig:
         for name in ("mim_vocab", "mim_code_dim"):
             check(getattr(self, name) > 1, name, f"must be > 1, got {getattr(self, name)}")
         check(self.vqa_answers >= 0, "vqa_answers", f"must be >= 0, got {self.vqa_answers}")
+        check(self.stage != "nlvr2" or self.nlvr2, "nlvr2",
+              "is false, but model.vlmo.stage=nlvr2 trains the NLVR2 head: set model.vlmo.nlvr2=true")
         check(0 < self.mlm_prob < 1, "mlm_prob", f"must be in (0, 1), got {self.mlm_prob}")
         check(self.rerank_k >= 0, "rerank_k", f"must be >= 0, got {self.rerank_k}")
 
@@ -147,6 +157,8 @@ def _check_stage_data(job) -> None:
     from dodo.data.manifest import CacheError, describe
 
     d, stage = job.data, job.model.vlmo.stage
+    if stage in FINETUNE:
+        return _check_finetune_data(job)
     if d.kind == "synthetic":
         return
     lacking, needs, fix = _STAGE_LACKS[stage]
@@ -164,10 +176,69 @@ def _check_stage_data(job) -> None:
               f"reads {needs}; point data.{key} at {fix}")
 
 
+# ---------------------------------------------------------------- fine-tuning stages (vqa, nlvr2)
+
+_BUILD = {"vqa": "`dodo data cache v2_OpenEnded_mscoco_<split>2014_questions.json --from vqa --out DIR` "
+                 "(docs/data.md)",
+          "nlvr2": "`dodo data cache <split>.json --from nlvr2 --images IMAGES --out DIR` (docs/data.md)"}
+_HELD_OUT = {"vqa": "the val2014 questions", "nlvr2": "dev.json"}
+
+
+def _finetune_manifest(path: str):
+    """The manifest of a built cache (torch-free), or None: one not built yet is left to
+    `dodo submit`'s cache checks."""
+    from pathlib import Path
+
+    from dodo.data.manifest import CacheError, describe
+
+    if not path or not (Path(path).expanduser() / "manifest.json").exists():
+        return None
+    try:
+        return describe(path)
+    except CacheError:
+        return None
+
+
+def _check_finetune_data(job) -> None:
+    """data.kind, the caches' source kind and targets, and model.vlmo.vqa_answers against the
+    training cache's answer vocabulary (0: set from it; left 0 while the cache is not built, which
+    `dodo submit` then refuses, and the task refuses at run time)."""
+    d, v = job.data, job.model.vlmo
+    stage = v.stage
+    check(d.kind != "synthetic", "data.kind",
+          f"is synthetic, but model.vlmo.stage={stage} reads a cache built --from {stage}; set data.kind=hdf5 "
+          f"and data.train_cache to one built with {_BUILD[stage]}")
+    check(bool(d.eval_cache), "data.eval_cache",
+          f"is empty, but model.vlmo.stage={stage} is scored on a held-out cache; build one from "
+          f"{_HELD_OUT[stage]} with {_BUILD[stage]} and set data.eval_cache")
+    target = "answers" if stage == "vqa" else "labels"
+    for key in ("train_cache", "eval_cache"):
+        path = getattr(d, key)
+        m = _finetune_manifest(path)
+        if m is None:
+            continue
+        kind = m.source.get("kind")
+        check(kind == stage, f"data.{key}",
+              f"{path} is a {kind} cache, but model.vlmo.stage={stage} reads one built --from {stage}; "
+              f"build it with {_BUILD[stage]}")
+        has = m.source.get("annotated" if stage == "vqa" else "labelled", False)
+        check(bool(has), f"data.{key}",
+              f"{path} has no {target} (a test split), so model.vlmo.stage={stage} can neither train nor "
+              f"score on it; point data.{key} at an annotated split ({_HELD_OUT[stage]} for eval)")
+        if stage == "vqa" and key == "train_cache":
+            n = int(m.source.get("answers", 0))
+            if v.vqa_answers == 0:  # "from the cache": resolved here, so config.yaml records the number
+                v.vqa_answers = n
+            check(v.vqa_answers == n, "model.vlmo.vqa_answers",
+                  f"is {v.vqa_answers}, but data.train_cache {path} has {n} answers in its vocabulary "
+                  f"(--min-count {m.source.get('min_count')}); set model.vlmo.vqa_answers={n}")
+
+
 def default_suites(job) -> tuple[str, ...]:
     """Suites measured by default on real data: retrieval for the vl stage; none for the mim /
-    mlm stages (held-out eval.mim_accuracy / eval.mlm_accuracy; they may read a unimodal cache)."""
-    return ("retrieval",) if job.model.vlmo.stage == "vl" else ()
+    mlm stages (held-out eval.mim_accuracy / eval.mlm_accuracy; they may read a unimodal cache)
+    nor for vqa / nlvr2 (held-out eval.vqa_score / eval.nlvr2_accuracy on data.eval_cache)."""
+    return ("retrieval",) if job.model.vlmo.stage == "vl" else ()  # vqa / nlvr2: eval.vqa_score, eval.nlvr2_accuracy
 
 
 def backbone_parameters(v: VlmoConfig, vocab_size: int) -> int:

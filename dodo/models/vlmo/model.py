@@ -46,7 +46,7 @@ from dodo.adapters.inject import Block, freeze, inject
 from dodo.models.registry import InitState
 from dodo.models.vlmo import gather, pretrain
 from dodo.models.vlmo.config import VlmoModelConfig
-from dodo.models.vlmo.heads import Nlvr2Head, VqaHead
+from dodo.models.vlmo.heads import Nlvr2Head, VqaHead, vqa_loss
 
 TEXT, IMAGE = 0, 1  # token-type ids
 
@@ -183,8 +183,21 @@ class VlmoModel(nn.Module):
         for h in heads:
             h.apply(_init_weights)
         self.loaded: list[str] = pretrain.load_stage_weights(self, weights) if weights else []
-        if c.stage != "vl":
-            pretrain.freeze_for_stage(self, c.stage)  # what the stage trains (pretrain.py)
+        if c.stage in ("mim", "mlm"):  # what the stage trains (pretrain.py); vl trains everything,
+            pretrain.freeze_for_stage(self, c.stage)
+        elif c.stage in ("vqa", "nlvr2"):  # vqa / nlvr2 all but what the fusion encoder never runs: the
+            # pretraining heads and, in the VL blocks, the image / text experts. Frozen, so that (ZeRO's zero
+            # gradients plus) weight decay does not shrink them: a later stage may read them.
+            for h in heads:
+                if h not in (getattr(self, "vqa_head", None), getattr(self, "nlvr2_head", None), self.itm_pooler):
+                    h.requires_grad_(False)
+            for blk in self.blocks:
+                if "vl" in blk.experts:
+                    blk.experts["image"].requires_grad_(False)
+                    blk.experts["text"].requires_grad_(False)
+            self.logit_scale.requires_grad_(False)
+            if c.vl_itc_weight > 0:
+                self.logit_vl_scale.requires_grad_(False)
         # prefix / mam / film are refused at submit (VlmoModelConfig: FamilySpec.refused_adapters)
         self.adapted_modules = inject(self, vlmo_block_specs(self), cfg.adapter)
 
@@ -277,8 +290,15 @@ class VlmoModel(nn.Module):
     # ---------------------------------------------------------------- training objective
 
     def forward(self, images: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, image_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The training loss of ``model.vlmo.stage``: mim takes images only, mlm captions only."""
+                attention_mask: torch.Tensor | None = None, image_ids: torch.Tensor | None = None,
+                vqa_scores: torch.Tensor | None = None, images_2: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss of ``model.vlmo.stage``: mim takes images only, mlm captions only;
+        vqa: BCE on the soft scores (B, answers); nlvr2: cross-entropy of the (B,) labels."""
+        if self.cfg.stage == "vqa":
+            return vqa_loss(self.vqa_logits(images, input_ids, attention_mask), vqa_scores)
+        if self.cfg.stage == "nlvr2":
+            return F.cross_entropy(self.nlvr2_logits(images, images_2, input_ids, attention_mask).float(), labels)
         if self.cfg.stage == "mim":
             return self.mim(images)[0]
         if self.cfg.stage == "mlm":

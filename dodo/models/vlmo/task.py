@@ -2,6 +2,7 @@
 
 Stage vl (``VlmoRetrievalTask``): the contrastive task (ITC retrieval, zero-shot, kNN, ID and
 OOD) plus retrieval re-ranked by the fusion encoder.
+Stages vqa / nlvr2: ``VqaTask`` / ``Nlvr2Task`` in task_finetune.py.
 Stages mim / mlm (``VlmoStageTask``): image-only / text-only pretraining; batches carry only
 the stage's modality (``StageCollator``), so mim trains from an image-only cache (class
 folders, CIFAR) and mlm from a text-only cache (``dodo data cache --from text``) as well as
@@ -36,6 +37,9 @@ EVAL_SEED, EVAL_BATCH = 1234, 128
 def build_task(cfg: JobConfig, init: InitState | None = None) -> Task:
     if cfg.model.vlmo.stage in ("mim", "mlm"):
         return VlmoStageTask(cfg, init)
+    if cfg.model.vlmo.stage in ("vqa", "nlvr2"):  # fine-tuning on the fusion encoder's heads (task_finetune.py)
+        from dodo.models.vlmo.task_finetune import Nlvr2Task, VqaTask
+        return VqaTask(cfg, init) if cfg.model.vlmo.stage == "vqa" else Nlvr2Task(cfg, init)
     return VlmoRetrievalTask(cfg, init)
 
 
