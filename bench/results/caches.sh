@@ -23,5 +23,14 @@ done
 cache cls_train "$OUT/folders/train" --from folder --dataset digits --split train
 cache cls_test  "$OUT/folders/test"  --from folder --dataset digits --split test
 cache text "$OUT/text/corpus.txt" --from text --tokenizer "$OUT/tokenizer/tokenizer.json" --block 16
+# German (the language adapter, seed 001): EN-DE pairs of the train / val scans, German captions
+# of the test scans and their renditions (the images are the English sets').
+[ -f "$OUT/parallel/train_en_de.jsonl" ] || "$PY" bench/results/digits.py "$OUT" --german
+cache parallel_train "$OUT/parallel/train_en_de.jsonl" --from parallel
+cache parallel_val   "$OUT/parallel/val_en_de.jsonl" --from parallel
+cache test_de "$OUT/captions_de/dataset_digits.json" --from karpathy --images "$OUT/captions/images" --split test --dataset digits_de
+for s in inverted tinted; do
+  cache test_de_$s "$OUT/shift_captions_de/$s/dataset_digits.json" --from karpathy --images "$OUT/shift_captions/$s/images" --split test --dataset digits_de_$s
+done
 cp bench/results/templates.txt "$OUT/templates.txt"
 echo "caches in $C"

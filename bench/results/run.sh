@@ -38,7 +38,19 @@ for claim in $claims; do
     001) "$DODO" sweep "$B/jobs/prompt_digits.yaml" --points "$B/points/prompts.yaml" --grid model.prompt.shot_seed=1,2,3
          "$DODO" table "$(newest prompt_digits)" --layout methods --metrics 'eval.prompt.*'
          "$DODO" sweep "$B/jobs/ft_clip.yaml" --points "$B/points/hard.yaml" --grid data.seed=0,1,2
-         "$DODO" table "$(newest ft_clip)" --layout idood --metric r_mean ;;
-    *) echo "unknown claim $claim (003 000 002 004 001)" >&2; exit 2 ;;
+         "$DODO" table "$(newest ft_clip)" --layout idood --metric r_mean
+         "$B/run.sh" 001-lang ;;
+    001-lang)  # the language adapter: a German BERT pretrained by MLM (and its random-init control)
+         "$REPO/.venv/bin/python" "$B/german_bert.py" /tmp/rd/bert_de /tmp/rd/text_de/corpus.txt /tmp/rd/text_de/val.txt \
+             --extra /tmp/rd/templates_de.txt /tmp/rd/classnames_de.txt
+         "$REPO/.venv/bin/python" "$B/german_bert.py" /tmp/rd/bert_de_random /tmp/rd/text_de/corpus.txt \
+             /tmp/rd/text_de/val.txt --steps 0 --tokenizer /tmp/rd/bert_de
+         "$DODO" sweep "$B/jobs/lang_digits.yaml" --points "$B/points/lang.yaml" --grid data.seed=0,1,2
+         "$DODO" table "$(newest lang_digits)" --layout idood --metric top1
+         "$DODO" table "$(newest lang_digits)" --layout idood --metric r_mean --dataset retrieval
+         # the English reference row: the pretrained CLIP itself, English names and templates
+         "$DODO" submit "$B/jobs/cls_clip.yaml" name=clip_english model.adapter.kind=none train.steps=1 \
+             train.lr=1e-12 train.warmup_steps=0 train.eval_every=1 train.save_every=1 ;;
+    *) echo "unknown claim $claim (003 000 002 004 001 001-lang)" >&2; exit 2 ;;
   esac
 done
