@@ -8,6 +8,7 @@ the questions and statements are true of it, so the answers are what annotators 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -22,22 +23,27 @@ def plural(obj: str) -> str:
 
 
 def scene(i: int) -> tuple[str, str, int]:
-    """(colour, object, count) of picture i."""
-    return list(COLORS)[i % 4], OBJECTS[(i // 4) % 3], 1 + (i * 7) % 3
+    """(colour, object, count) of picture i, drawn at random (seeded by i: no period a text or an
+    index could give away)."""
+    rng = random.Random(1_000_003 * i + 17)
+    return rng.choice(list(COLORS)), rng.choice(OBJECTS), rng.randint(1, 3)
 
 
 def picture(i: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     color, obj, count = scene(i)
-    im = Image.new("RGB", size, (236, 236, 230))
+    rng = random.Random(i)  # each picture its own layout, background and shade: no two alike
+    im = Image.new("RGB", size, tuple(rng.randint(200, 250) for _ in range(3)))
     draw = ImageDraw.Draw(im)
+    fill = tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in COLORS[color])
+    top, w = rng.randint(4, 14), rng.randint(9, 12)
     for k in range(count):
-        x = 3 + k * 15
+        x, y = 2 + k * 15 + rng.randint(0, 2), top + rng.randint(-3, 3)
         if obj == "bus":
-            draw.rectangle([x, 12, x + 12, 22], fill=COLORS[color])
+            draw.rectangle([x, y, x + w, y + w - 3], fill=fill)
         elif obj == "dog":
-            draw.ellipse([x, 14, x + 12, 26], fill=COLORS[color])
+            draw.ellipse([x, y, x + w, y + w], fill=fill)
         else:
-            draw.polygon([(x, 28), (x + 6, 12), (x + 12, 28)], fill=COLORS[color])
+            draw.polygon([(x, y + w + 2), (x + w // 2, y), (x + w, y + w + 2)], fill=fill)
     return im
 
 
@@ -54,9 +60,10 @@ def vqa_questions(i: int, qid: int) -> list[dict]:
         {"question_id": qid + 1, "question": f"How many {plural(obj)} are in the picture?", "question_type": "how many",
          "answer_type": "number", "multiple_choice_answer": WORDS[count],
          "answers": ten([WORDS[count]] * 5 + [str(count)] * 4 + [str(count + 1)])},
-        {"question_id": qid + 2, "question": f"Is there a {other} in the image?", "question_type": "is there a",
-         "answer_type": "yes/no", "multiple_choice_answer": "no",
-         "answers": ten(["No"] * 6 + ["no"] * 2 + ["yes"] * 2)},
+        # even pictures: asked about what they show ("yes"), odd ones: about another object ("no")
+        {"question_id": qid + 2, "question": f"Is there a {obj if i % 2 == 0 else other} in the image?",
+         "question_type": "is there a", "answer_type": "yes/no", "multiple_choice_answer": "no" if i % 2 else "yes",
+         "answers": ten(["No"] * 6 + ["no"] * 2 + ["yes"] * 2 if i % 2 else ["yes"] * 8 + ["Yes"] + ["no"])},
     ]
 
 
@@ -90,9 +97,11 @@ def nlvr2_statements(left: int, right: int) -> list[tuple[str, bool]]:
     """Statements about the picture pair (left, right) and whether each is true."""
     lc, lo, ln = scene(left)
     rc, ro, rn = scene(right)
-    n = (ln % 3) + 1  # sometimes the count, sometimes not
+    rng = random.Random(7919 * left + right)  # true or false at random, half each
+    n = ln if rng.random() < 0.5 else (ln % 3) + 1
+    c = rc if rng.random() < 0.5 else list(COLORS)[(list(COLORS).index(rc) + rng.randint(1, 3)) % 4]
     return [(f"The left image contains exactly {WORDS[n]} {plural(lo)}.", n == ln),
-            (f"There is a {lc} {ro} in the right image.", lc == rc),
+            (f"There is a {c} {ro} in the right image.", c == rc),
             (f"Both images contain {plural(lo)}.", lo == ro)]
 
 
@@ -102,7 +111,7 @@ def write_nlvr2(root: Path, split: str, n_pairs: int, offset: int = 0, missing: 
     (root / "data").mkdir(parents=True, exist_ok=True)
     lines = []
     for p in range(n_pairs):
-        left, right = offset + 2 * p, offset + 2 * p + 3
+        left, right = offset + 2 * p, offset + 2 * p + 1
         set_id = 100 + p
         folder = root / "images" / split / (str(set_id % 100) if split == "train" else "")
         folder.mkdir(parents=True, exist_ok=True)
@@ -124,4 +133,4 @@ def write_nlvr2(root: Path, split: str, n_pairs: int, offset: int = 0, missing: 
 def all_texts() -> list[str]:
     """Every question and statement the writers make (for a word-level test tokenizer)."""
     texts = [q["question"] for i in range(24) for q in vqa_questions(i, 0)]
-    return texts + [s for i in range(24) for s, _ in nlvr2_statements(i, i + 3)]
+    return texts + [s for i in range(24) for s, _ in nlvr2_statements(i, i + 1)]
