@@ -78,8 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a trained run (retrieval, zero-shot, kNN, WiSE curve)")
     ev.add_argument("run", help="a run directory with a checkpoint")
-    ev.add_argument("--task", default=None, choices=["retrieval", "zeroshot", "knn", "wise", "weightwatcher", "all"],
-                    help="default: all (retrieval, zeroshot, knn, wise)")
+    ev.add_argument("--task", default=None, choices=["retrieval", "zeroshot", "knn", "wise", "weightwatcher", "predict",
+                                                     "all"],
+                    help="default: all (retrieval, zeroshot, knn, wise); predict: VLMo vqa / nlvr2 answers for "
+                         "model.vlmo.predict_cache (the evaluation servers' formats)")
     ev.add_argument("--wise", action="store_true", help="the WiSE-FT curve against the stored pretrained weights")
     ev.add_argument("--weightwatcher", action="store_true", help="WeightWatcher's per-layer alpha (mean + layers)")
 

@@ -145,6 +145,18 @@ def test_vqa_cache_round_trip(data) -> None:
     assert q0.image.std() > 5  # a picture, not a blank
 
 
+def test_vqa_train_and_val_in_one_cache(data, tmp_path: Path) -> None:
+    """VLMo trains for test-dev on train + val: a comma list of question files, one vocabulary."""
+    from dodo.data.finetune import VqaQuestions
+    from dodo.data.manifest import describe
+
+    both = make_cache(f"{data['vqa_train_q']},{data['vqa_val_q']}", "vqa", tmp_path / "trainval", min_count=1)
+    m = describe(both)
+    assert m.split == "train,val" and m.num_images == 15 + 8 and m.source["questions"] == 72
+    ds = VqaQuestions(both)
+    assert len(ds) == 69 and {ds[0].image.shape, ds[len(ds) - 1].image.shape} == {(32, 32, 3)}
+
+
 def test_vqa_test_dev_caches_without_answers(data) -> None:
     from dodo.data.finetune import VqaQuestions
     from dodo.data.manifest import describe
@@ -208,6 +220,8 @@ def test_submit_refuses_wrong_data_and_heads(data, workdir: Path) -> None:
          "data.eval_cache"),
         ("vlmo_nlvr2", [tok, f"data.train_cache={data['nlvr2_train']}", f"data.eval_cache={data['nlvr2_dev']}",
                         "model.vlmo.nlvr2=false"], "model.vlmo.nlvr2"),
+        ("vlmo_nlvr2", [tok, f"data.train_cache={data['nlvr2_train']}", f"data.eval_cache={data['nlvr2_dev']}",
+                        f"model.vlmo.predict_cache={data['vqa_test']}"], "model.vlmo.predict_cache"),
     ]
     for job, args, key in cases:
         proc = _submit(workdir, job, *args, check=False)
@@ -233,13 +247,19 @@ SHORT = ["train.steps=6", "train.micro_batch=8", "train.warmup_steps=1", "train.
 def test_vqa_then_nlvr2_on_two_ranks(data, workdir: Path) -> None:
     tok = f"model.tokenizer={data['tokenizer']}"
     _submit(workdir, "vlmo_vqa", *SHORT, tok, f"data.train_cache={data['vqa_train']}",
-            f"data.eval_cache={data['vqa_val']}")
+            f"data.eval_cache={data['vqa_val']}", f"model.vlmo.predict_cache={data['vqa_test']}")
     (vqa_run,) = run_dirs(workdir / "runs", "vlmo_vqa")
     s = json.loads((vqa_run / "summary.json").read_text())
     final = s["final"]
     assert 0 <= final["eval.vqa_score"] <= 1 and final["eval.loss"] > 0
     assert {"eval.vqa_score.yes_no", "eval.vqa_score.number", "eval.vqa_score.other"} <= set(final)
     assert final["eval.vqa_ceiling"] == pytest.approx(1.0)
+    # test-dev (no answers): the answers in the evaluation server's format
+    dodo("eval", str(vqa_run), "--task", "predict", cwd=workdir)
+    rows = json.loads((vqa_run / "eval" / "vqa_predictions.json").read_text())
+    test_ids = [q["question_id"] for q in json.loads((data["vqa_test"] / "questions.json").read_text())["questions"]]
+    answers = json.loads((data["vqa_train"] / "questions.json").read_text())["answers"]
+    assert [r["question_id"] for r in rows] == test_ids and all(r["answer"] in answers for r in rows)
     # NLVR2 starts from the VQA run's weights (init_from): the shared transformer, not its VQA head
     _submit(workdir, "vlmo_nlvr2", *SHORT, tok, f"data.train_cache={data['nlvr2_train']}",
             f"data.eval_cache={data['nlvr2_dev']}", f"model.vlmo.init_from={vqa_run}")

@@ -8,6 +8,9 @@ local weights), loads the trainable state of the newest checkpoint, and runs on 
                                eval.suites (kNN / zero-shot / retrieval per dataset, ID and OOD,
                                + ood_mean), or without suites the task's held-out metrics
   weightwatcher                WeightWatcher's per-layer power-law alpha (dodo/eval/weightwatch.py)
+  predict                      VLMo vqa / nlvr2 runs: the answers for model.vlmo.predict_cache
+                               (e.g. VQA test-dev) in the evaluation servers' formats
+                               (dodo/models/vlmo/task_finetune.py)
 Results go to <run>/eval/<task>.json (the WiSE curve also to wise.md / wise.png, the layers to
 weightwatcher_layers.json) and are printed.
 """
@@ -21,7 +24,7 @@ import torch
 
 from dodo.config.errors import ConfigError
 
-TASKS = ("retrieval", "zeroshot", "knn", "wise", "weightwatcher")
+TASKS = ("retrieval", "zeroshot", "knn", "wise", "weightwatcher", "predict")
 ALL = ("retrieval", "zeroshot", "knn", "wise")  # `--task all`; weightwatcher on request
 
 

@@ -72,6 +72,9 @@ class VlmoConfig:
     # 0 takes it from data.train_cache's manifest at submit (the resolved config.yaml records it).
     vqa_answers: int = 0
     nlvr2: bool = False
+    # Stages vqa / nlvr2: a cache of the same kind, e.g. VQA test-dev (no answers), whose answers
+    # `dodo eval RUN --task predict` writes in the evaluation server's format ("": data.eval_cache).
+    predict_cache: str = field(default="", metadata=MUST_EXIST)
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "hidden", "layers", "heads", "mlp_ratio", "max_text_len"):
@@ -106,6 +109,8 @@ class VlmoConfig:
         check(self.vqa_answers >= 0, "vqa_answers", f"must be >= 0, got {self.vqa_answers}")
         check(self.stage != "nlvr2" or self.nlvr2, "nlvr2",
               "is false, but model.vlmo.stage=nlvr2 trains the NLVR2 head: set model.vlmo.nlvr2=true")
+        check(not self.predict_cache or self.stage in FINETUNE, "predict_cache",
+              f"is set, but model.vlmo.stage={self.stage} predicts nothing; it is for the stages vqa and nlvr2")
         check(0 < self.mlm_prob < 1, "mlm_prob", f"must be in (0, 1), got {self.mlm_prob}")
         check(self.rerank_k >= 0, "rerank_k", f"must be >= 0, got {self.rerank_k}")
 
@@ -212,15 +217,18 @@ def _check_finetune_data(job) -> None:
           f"is empty, but model.vlmo.stage={stage} is scored on a held-out cache; build one from "
           f"{_HELD_OUT[stage]} with {_BUILD[stage]} and set data.eval_cache")
     target = "answers" if stage == "vqa" else "labels"
-    for key in ("train_cache", "eval_cache"):
-        path = getattr(d, key)
+    for key in ("data.train_cache", "data.eval_cache", "model.vlmo.predict_cache"):
+        path = v.predict_cache if key.startswith("model") else getattr(d, key[5:])
         m = _finetune_manifest(path)
         if m is None:
             continue
         kind = m.source.get("kind")
-        check(kind == stage, f"data.{key}",
+        check(kind == stage, key,
               f"{path} is a {kind} cache, but model.vlmo.stage={stage} reads one built --from {stage}; "
               f"build it with {_BUILD[stage]}")
+        if key.startswith("model"):  # predictions need no answers (test-dev)
+            continue
+        key = key[5:]
         has = m.source.get("annotated" if stage == "vqa" else "labelled", False)
         check(bool(has), f"data.{key}",
               f"{path} has no {target} (a test split), so model.vlmo.stage={stage} can neither train nor "

@@ -9,12 +9,19 @@ cross-entropy; held out: ``eval.nlvr2_accuracy``. Both start from an earlier sta
 (``model.vlmo.init_from``), train every parameter, and read caches built ``--from vqa`` /
 ``--from nlvr2`` (dodo/data/finetune.py joins the questions to the images).
 
+``dodo eval RUN --task predict`` writes the answers for ``model.vlmo.predict_cache`` (e.g. VQA
+test-dev, cached without answers; default data.eval_cache) in the evaluation servers' formats:
+<run>/eval/vqa_predictions.json ([{"question_id", "answer"}]) or nlvr2_predictions.csv
+(``identifier,True|False``).
+
 The held-out pass is split across ranks (rank r takes items r, r + W, ...) and summed with one
 all-reduce, so a large validation split (VQA val2014: 214k questions) costs 1 / W per rank.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +36,7 @@ from dodo.data.finetune import Nlvr2Statements, QaCollator, VqaQuestions
 from dodo.data.tokenizer import load_tokenizer
 from dodo.models.registry import InitState
 from dodo.models.vlmo.heads import vqa_loss
+from dodo.rundir import write_atomic
 from dodo.tasks import Task, build_family_model
 
 ANSWER_TYPES = ("yes/no", "number", "other")  # VQA v2's answer_type values
@@ -87,8 +95,35 @@ class FinetuneTask(Task):
         return {}, [f"{self.stage} on {len(self.eval_set)} held-out items ({self.cfg.data.eval_cache}), "
                     f"{trainable:,} trainable parameters:", *lines]
 
-    def run_eval(self, model, name, out_dir):  # type: ignore[override]
-        raise ValueError(f"a VLMo {self.stage} run has no `dodo eval` tasks: its held-out metric is in summary.json")
+    # ---------------------------------------------------------------- predictions (`dodo eval --task predict`)
+
+    def predict_set(self, path: str) -> Any:
+        raise NotImplementedError
+
+    def answers(self, model: nn.Module, batch: dict, device: torch.device) -> list[str]:
+        raise NotImplementedError
+
+    def write_predictions(self, ds: Any, answers: list[str], out_dir: Path) -> Path:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def run_eval(self, model: nn.Module, name: str, out_dir: Path) -> tuple[dict[str, Any], list[str]]:
+        """`dodo eval RUN --task predict`: the model's answer to every item of
+        ``model.vlmo.predict_cache`` (default: data.eval_cache), in the evaluation server's format."""
+        if name != "predict":
+            raise ValueError(f"a VLMo {self.stage} run has one `dodo eval` task, predict (its held-out metric "
+                             "is in summary.json)")
+        path = self.cfg.model.vlmo.predict_cache or self.cfg.data.eval_cache
+        ds = self.predict_set(path)
+        device = next(model.parameters()).device
+        model.eval()
+        answers: list[str] = []
+        for lo in range(0, len(ds), 64):
+            batch = self.collate([ds[i] for i in range(lo, min(len(ds), lo + 64))])
+            answers += self.answers(model, batch, device)
+        file = self.write_predictions(ds, answers, out_dir)
+        return ({"cache": str(path), "items": len(answers), "file": str(file)},
+                [f"  {len(answers)} {self.stage} predictions for {path} -> {file}"])
 
 
 class VqaTask(FinetuneTask):
@@ -113,6 +148,22 @@ class VqaTask(FinetuneTask):
             sel = torch.tensor([k == t for k in batch["kinds"]])
             out += [float(top[sel].sum()), float(sel.sum())]
         return torch.tensor(out, dtype=torch.float64)
+
+    def predict_set(self, path: str) -> VqaQuestions:
+        d = self.cfg.data
+        return VqaQuestions(path, self.train_set.answers, d.verify, d.decoder)
+
+    def answers(self, model: nn.Module, batch: dict, device: torch.device) -> list[str]:
+        logits = model.vqa_logits(batch["images"].to(device), batch["input_ids"].to(device),
+                                  batch["attention_mask"].to(device))  # (B, answers)
+        return [self.train_set.answers[j] for j in logits.argmax(1).tolist()]
+
+    def write_predictions(self, ds: VqaQuestions, answers: list[str], out_dir: Path) -> Path:
+        """VQA's result format: [{"question_id": int, "answer": str}] (EvalAI's test-dev upload)."""
+        file = out_dir / "vqa_predictions.json"
+        rows = [{"question_id": q["question_id"], "answer": a} for q, a in zip(ds.questions, answers)]
+        write_atomic(file, json.dumps(rows) + "\n")
+        return file
 
     def metrics(self, sums: list[float]) -> dict[str, float]:
         n = max(sums[1], 1.0)
@@ -150,3 +201,17 @@ class Nlvr2Task(FinetuneTask):
     def metrics(self, sums: list[float]) -> dict[str, float]:
         n = max(sums[1], 1.0)
         return {"eval.loss": sums[0] / n, "eval.nlvr2_accuracy": sums[2] / n}
+
+    def predict_set(self, path: str) -> Nlvr2Statements:
+        return Nlvr2Statements(path, self.cfg.data.verify, self.cfg.data.decoder)
+
+    def answers(self, model: nn.Module, batch: dict, device: torch.device) -> list[str]:
+        logits = model.nlvr2_logits(batch["images"].to(device), batch["images_2"].to(device),
+                                    batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, 2)
+        return ["True" if j == 1 else "False" for j in logits.argmax(1).tolist()]
+
+    def write_predictions(self, ds: Nlvr2Statements, answers: list[str], out_dir: Path) -> Path:
+        """NLVR2's predictions file: CSV rows ``identifier,prediction`` (True / False)."""
+        file = out_dir / "nlvr2_predictions.csv"
+        write_atomic(file, "".join(f"{s['identifier']},{a}\n" for s, a in zip(ds.statements, answers)))
+        return file
