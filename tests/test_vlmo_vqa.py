@@ -88,6 +88,39 @@ def test_finetune_stages_start_from_earlier_weights_and_train_their_head() -> No
         assert {n for n, p in m.named_parameters() if p.grad is not None} == trainable
 
 
+def test_finetuning_at_a_larger_image_size_resizes_the_positions() -> None:
+    """VLMo fine-tunes VQA at 480 px from 224 px pretraining: the position grid is resized."""
+    import torch
+
+    from dodo.adapters.config import AdapterConfig
+    from dodo.models import build_model
+    from dodo.models.registry import InitState
+    from dodo.models.vlmo.config import VlmoConfig, VlmoModelConfig
+    from dodo.models.vlmo.pretrain import resize_positions
+
+    # a ramp over the columns (value = column centre in [0, 1]) stays a ramp inside the new grid
+    old = torch.linspace(1 / 8, 7 / 8, 4)  # centres of 4 columns
+    pos = torch.cat([torch.full((1, 1, 2), -1.0), old.repeat(4).view(1, 16, 1).expand(1, 16, 2)], dim=1)
+    out = resize_positions(pos, 64)  # 4 x 4 -> 8 x 8
+    assert out.shape == (1, 65, 2) and torch.equal(out[:, 0], pos[:, 0])
+    grid = out[0, 1:, 0].view(8, 8)
+    assert torch.allclose(grid, grid[:1].expand(8, 8))  # still constant down the columns
+    cols = grid[0]  # increasing, symmetric about 0.5 (bicubic with clamped borders: not exactly linear)
+    assert (cols.diff() > 0).all() and torch.allclose(cols + cols.flip(0), torch.ones(8), atol=1e-5)
+    assert abs(float(cols[0]) - 1 / 8) < 0.05 and abs(float(cols[3]) - 7 / 16) < 0.03
+
+    def build(size: int, weights=None, **kw):
+        torch.manual_seed(0)
+        cfg = VlmoModelConfig(adapter=AdapterConfig(kind="none"),
+                              vlmo=VlmoConfig(hidden=32, layers=2, heads=4, vlffn_start=1, image_size=size, **kw))
+        return build_model(cfg, 40, 1, 2, InitState(weights=weights))
+
+    earlier = build(32, stage="vl").state_dict()  # 4 x 4 patches of 8 px
+    m = build(48, dict(earlier), stage="vqa", vqa_answers=3)  # 6 x 6
+    assert "image_pos" in m.loaded and m.image_pos.shape == (1, 37, 32)
+    torch.testing.assert_close(m.image_pos.detach(), resize_positions(earlier["image_pos"], 36))
+
+
 # ---------------------------------------------------------------- caches
 
 

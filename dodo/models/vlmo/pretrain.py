@@ -120,11 +120,29 @@ def freeze_for_stage(model: nn.Module, stage: str) -> list[str]:
     return trainable
 
 
+def resize_positions(pos: torch.Tensor, patches: int) -> torch.Tensor:
+    """Image position embeddings (1, 1 + N, d) of a sqrt(N) x sqrt(N) patch grid -> (1, 1 +
+    patches, d): the [CLS] position kept, the grid resized bicubically (BEiT / ViLT / VLMo's
+    ``interpolate_pos_embed``, how VLMo fine-tunes VQA at 480 px and NLVR2 at 384 px from 224 px
+    pretraining)."""
+    old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(patches)
+    if old * old != pos.shape[1] - 1 or new * new != patches:
+        raise ValueError(f"position embeddings of {pos.shape[1] - 1} / {patches} patches are not square grids")
+    grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()  # (1, d, old, old)
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, patches, -1).to(pos.dtype)], dim=1)
+
+
 def load_stage_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
     """Copy an earlier stage's tensors into ``model`` by name; names only one side has are
     skipped (the previous stage's MIM head, this stage's new heads); a shape mismatch is an
-    error (another model size). Returns the names loaded."""
+    error (another model size), except the image positions of another image size (same patch
+    size), which are resized (``resize_positions``). Returns the names loaded."""
     own = model.state_dict()
+    pos = weights.get("image_pos")
+    if pos is not None and "image_pos" in own and pos.shape[1] != own["image_pos"].shape[1] \
+            and pos.shape[2] == own["image_pos"].shape[2]:
+        weights = {**weights, "image_pos": resize_positions(pos, own["image_pos"].shape[1] - 1)}
     shared = [any(".experts.shared." in k for k in d) for d in (weights, own)]
     if any(".experts." in k for k in weights) and shared[0] != shared[1]:
         raise ValueError(f"model.vlmo.init_from: the earlier stage is a {'standard' if shared[0] else 'multiway'} "
