@@ -88,6 +88,30 @@ def test_finetune_stages_start_from_earlier_weights_and_train_their_head() -> No
         assert {n for n, p in m.named_parameters() if p.grad is not None} == trainable
 
 
+def test_the_new_head_gets_its_own_learning_rate() -> None:
+    """VLMo's lr_mult (20 for VQA): the head's parameters in a group at train.lr x head_lr_mult."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dodo.adapters.config import AdapterConfig
+    from dodo.distributed.engine import param_groups
+    from dodo.models import build_model
+    from dodo.models.registry import InitState
+    from dodo.models.vlmo.config import VlmoConfig, VlmoModelConfig
+
+    torch.manual_seed(0)
+    cfg = VlmoModelConfig(adapter=AdapterConfig(kind="none"), vlmo=VlmoConfig(
+        hidden=32, layers=2, heads=4, vlffn_start=1, stage="vqa", vqa_answers=4, head_lr_mult=20.0))
+    m = build_model(cfg, 40, 1, 2, InitState())
+    groups = param_groups(m, SimpleNamespace(train=SimpleNamespace(lr=1e-3)))
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-3), pytest.approx(2e-2)]
+    head = {id(p) for p in m.vqa_head.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == head
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+
+
 def test_finetuning_at_a_larger_image_size_resizes_the_positions() -> None:
     """VLMo fine-tunes VQA at 480 px from 224 px pretraining: the position grid is resized."""
     import torch

@@ -99,11 +99,18 @@ def lr_lambda(cfg: JobConfig):
 
 
 def param_groups(model: nn.Module, cfg: JobConfig) -> list[dict[str, Any]]:
-    """Trainable parameters only; a trainable image encoder gets its own (small) lr."""
+    """Trainable parameters only; a trainable image encoder gets its own (small) lr; a model with
+    ``lr_scale(name) -> float`` gets one group per multiplier (train.lr x it; sorted, so the
+    groups' order, which checkpoints' optimizer state follows, is fixed)."""
     encoder = getattr(model, "image_encoder", None)
     encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
-    main = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
-    groups = [{"params": main, "lr": cfg.train.lr}]
+    lr_scale = getattr(model, "lr_scale", None)  # a family's per-parameter lr multiplier (VLMo's new heads)
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in encoder_ids:
+            by_scale.setdefault(float(lr_scale(name)) if lr_scale else 1.0, []).append(p)
+    groups = [{"params": ps, "lr": cfg.train.lr * s} for s, ps in sorted(by_scale.items())] or \
+        [{"params": [], "lr": cfg.train.lr}]
     enc = [p for p in model.parameters() if p.requires_grad and id(p) in encoder_ids]
     if enc:
         groups.append({"params": enc, "lr": cfg.model.image_encoder.lr})

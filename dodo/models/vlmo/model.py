@@ -201,6 +201,11 @@ class VlmoModel(nn.Module):
         # prefix / mam / film are refused at submit (VlmoModelConfig: FamilySpec.refused_adapters)
         self.adapted_modules = inject(self, vlmo_block_specs(self), cfg.adapter)
 
+    def lr_scale(self, name: str) -> float:
+        """Learning-rate multiplier of parameter ``name`` (read by the optimizer's param groups):
+        model.vlmo.head_lr_mult for the VQA / NLVR2 head, which starts from random weights."""
+        return self.cfg.head_lr_mult if name.startswith(("vqa_head.", "nlvr2_head.")) else 1.0
+
     # ---------------------------------------------------------------- embeddings and the stack
 
     def embed_image(self, images: torch.Tensor, mim_mask: torch.Tensor | None = None) -> torch.Tensor:
