@@ -304,7 +304,8 @@ SHORT = ["train.steps=6", "train.micro_batch=8", "train.warmup_steps=1", "train.
 def test_vqa_then_nlvr2_on_two_ranks(data, workdir: Path) -> None:
     tok = f"model.tokenizer={data['tokenizer']}"
     _submit(workdir, "vlmo_vqa", *SHORT, tok, f"data.train_cache={data['vqa_train']}",
-            f"data.eval_cache={data['vqa_val']}", f"model.vlmo.predict_cache={data['vqa_test']}")
+            f"data.eval_cache={data['vqa_val']}", f"model.vlmo.predict_cache={data['vqa_test']}",
+            "model.vlmo.head_lr_mult=20")  # two optimizer param groups under ZeRO-2
     (vqa_run,) = run_dirs(workdir / "runs", "vlmo_vqa")
     s = json.loads((vqa_run / "summary.json").read_text())
     final = s["final"]
