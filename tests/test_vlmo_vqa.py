@@ -214,6 +214,23 @@ def test_vqa_train_and_val_in_one_cache(data, tmp_path: Path) -> None:
     assert len(ds) == 69 and {ds[0].image.shape, ds[len(ds) - 1].image.shape} == {(32, 32, 3)}
 
 
+def test_an_interrupted_vqa_build_resumes_with_its_table(data, tmp_path: Path) -> None:
+    """The table is written with the manifest (last): a build stopped before it finishes the
+    missing shards on a rerun and writes the same table."""
+    from dodo.data.cache import CacheOptions, build_cache
+
+    opts = dict(source="vqa", src=str(data["vqa_val_q"]), out=str(tmp_path / "c"), image_size=32,
+                samples_per_shard=3, min_count=1)
+    build_cache(CacheOptions(**opts), log=lambda m: None)
+    table = (tmp_path / "c" / "questions.json").read_text()
+    for name in ("manifest.json", "questions.json", "shards/shard-00002.h5", "shards/shard-00002.h5.done.json"):
+        (tmp_path / "c" / name).unlink()  # as if killed while writing the third shard
+    lines: list[str] = []
+    build_cache(CacheOptions(**opts), log=lines.append)
+    assert any("2 finished shards kept" in line for line in lines), lines
+    assert (tmp_path / "c" / "questions.json").read_text() == table
+
+
 def test_vqa_test_dev_caches_without_answers(data) -> None:
     from dodo.data.finetune import VqaQuestions
     from dodo.data.manifest import describe
