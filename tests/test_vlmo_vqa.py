@@ -16,7 +16,8 @@ import pytest
 from conftest import dodo, run_dirs
 from data_helpers import make_cache, write_word_tokenizer
 from dodo.data.ingest import SourceError
-from dodo.data.ingest.vqa_answers import answer_counts, best_possible, normalize_answer, score_vector, soft_score, vocabulary
+from dodo.data.ingest.vqa_answers import (answer_counts, best_possible, normalize_answer, score_vector, soft_score,
+                                          vocabulary)
 from vqa_data import all_texts, scene, write_nlvr2, write_vqa
 
 
