@@ -16,8 +16,8 @@ import pytest
 from conftest import dodo, run_dirs
 from data_helpers import make_cache, write_word_tokenizer
 from dodo.data.ingest import SourceError
-from dodo.data.ingest.vqa_answers import (answer_counts, best_possible, normalize_answer, score_vector, soft_score,
-                                          vocabulary)
+from dodo.data.ingest.vqa_answers import (answer_counts, best_possible, normalize_answer, official_accuracy,
+                                          score_vector, soft_score, vocabulary)
 from vqa_data import all_texts, scene, write_nlvr2, write_vqa
 
 
@@ -38,7 +38,10 @@ def test_soft_scores_by_hand() -> None:
     assert counts == {"red": 9, "dark red": 1}
     assert answer_counts(["two"] * 5 + ["2"] * 4 + ["3"]) == {"2": 9, "3": 1}
     assert [soft_score(n) for n in (0, 1, 2, 3, 7)] == [0.0, pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0, 1.0]
+    # the official metric, leave-one-annotator-out over 10: 3 of 10 -> (3 x 2/3 + 7 x 1) / 10 = 0.9
+    assert [official_accuracy(n) for n in range(6)] == pytest.approx([0, 0.3, 0.6, 0.9, 1.0, 1.0])
     index = {"red": 0, "blue": 1, "dark red": 2}
+    assert score_vector({"red": 9, "dark red": 1}, index, 3, official=True) == pytest.approx([1.0, 0, 0.3])
     assert score_vector({"red": 9, "dark red": 1, "maroon": 2}, index, 3) == [1.0, 0.0, pytest.approx(1 / 3)]
     # vocabulary: majority answers with >= min_count occurrences, most frequent first, ties a-z
     assert vocabulary(["no", "No", "two", "2", "red", "blue", "Blue"], 2) == ["2", "blue", "no"]
@@ -197,6 +200,7 @@ def test_vqa_cache_round_trip(data) -> None:
     assert q1.scores[train.answers.index(str(count))] == 1.0  # "two" x5 + "2" x4 -> "2": 9 annotators
     if str(count + 1) in train.answers:  # one annotator said count + 1
         assert q1.scores[train.answers.index(str(count + 1))] == pytest.approx(1 / 3)
+        assert q1.official[train.answers.index(str(count + 1))] == pytest.approx(0.3)
     assert q2.text == f"Is there a {obj} in the image?"  # picture 16 (even) shows it: 9 x "yes", 1 x "no"
     assert q2.scores[train.answers.index("yes")] == 1.0 and q2.scores[train.answers.index("no")] == pytest.approx(1 / 3)
     assert val.ceiling() == pytest.approx(1.0)
@@ -329,6 +333,7 @@ def test_vqa_then_nlvr2_on_two_ranks(data, workdir: Path) -> None:
     final = s["final"]
     assert 0 <= final["eval.vqa_score"] <= 1 and final["eval.loss"] > 0
     assert {"eval.vqa_score.yes_no", "eval.vqa_score.number", "eval.vqa_score.other"} <= set(final)
+    assert 0 <= final["eval.vqa_accuracy"] <= final["eval.vqa_score"] + 1e-9  # official <= min(1, n / 3)
     assert final["eval.vqa_ceiling"] == pytest.approx(1.0)
     # test-dev (no answers): the answers in the evaluation server's format
     dodo("eval", str(vqa_run), "--task", "predict", cwd=workdir)

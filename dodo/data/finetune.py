@@ -36,6 +36,7 @@ class QaSample:
     text: str  # the question / the statement
     key: str  # question id / NLVR2 identifier
     scores: Optional[np.ndarray] = None  # VQA: (answers,) float32 soft scores; None unannotated
+    official: Optional[np.ndarray] = None  # VQA: (answers,) the official (leave-one-out) accuracy
     image_2: Optional[np.ndarray] = None  # NLVR2: the right image
     label: int = -1  # NLVR2: 1 true, 0 false, -1 unlabelled
     kind: str = ""  # VQA: the answer type (yes/no, number, other)
@@ -83,11 +84,12 @@ class VqaQuestions(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> QaSample:
         q = self.questions[i]
-        scores = None
+        scores = official = None
         if "answers" in q:
             scores = np.asarray(score_vector(q["answers"], self.answer_index, len(self.answers)), np.float32)
+            official = np.asarray(score_vector(q["answers"], self.answer_index, len(self.answers), True), np.float32)
         return QaSample(image=self.images[self.rows[i]].image, text=q["question"], key=str(q["question_id"]),
-                        scores=scores, kind=q.get("answer_type", ""))
+                        scores=scores, official=official, kind=q.get("answer_type", ""))
 
 
 class Nlvr2Statements(torch.utils.data.Dataset):
@@ -134,5 +136,7 @@ class QaCollator:
             out["labels"] = torch.tensor([s.label for s in samples], dtype=torch.long)  # (B,)
         elif all(s.scores is not None for s in samples):
             out["vqa_scores"] = torch.from_numpy(np.stack([s.scores for s in samples]))  # (B, answers)
+            # (B, answers) numpy, not a tensor: evaluation only (the model's forward never sees it)
+            out["vqa_official"] = np.stack([s.official for s in samples])
         out["kinds"] = [s.kind for s in samples]
         return out

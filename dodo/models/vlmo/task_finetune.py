@@ -2,8 +2,9 @@
 
 ``model.vlmo.stage: vqa`` trains the answer classifier (heads.VqaHead) with BCE on the soft
 scores of the training cache's answer vocabulary; held out: ``eval.vqa_score`` (the soft score
-of the top answer, averaged over questions; VQA accuracy as VLMo / ViLT report it) and per
-answer type (``eval.vqa_score.yes_no`` / ``number`` / ``other``). ``model.vlmo.stage: nlvr2``
+min(1, n / 3) of the top answer, averaged over questions), per answer type
+(``eval.vqa_score.yes_no`` / ``number`` / ``other``), and ``eval.vqa_accuracy``, the official
+metric (leave-one-annotator-out; dodo/data/ingest/vqa_answers.py). ``model.vlmo.stage: nlvr2``
 trains heads.Nlvr2Head (one statement fused with each image, "pair" setting) with
 cross-entropy; held out: ``eval.nlvr2_accuracy``. Both start from an earlier stage's weights
 (``model.vlmo.init_from``), train every parameter, and read caches built ``--from vqa`` /
@@ -142,8 +143,10 @@ class VqaTask(FinetuneTask):
                                   batch["attention_mask"].to(device)).float().cpu()  # (B, answers)
         scores = batch["vqa_scores"]  # (B, answers)
         rows = len(scores)
-        top = scores.gather(1, logits.argmax(1, keepdim=True)).squeeze(1).double()  # (B,) score of the top answer
-        out = [float(vqa_loss(logits, scores)) * rows, rows, float(top.sum())]
+        pick = logits.argmax(1, keepdim=True)  # (B, 1) the top answer
+        top = scores.gather(1, pick).squeeze(1).double()  # (B,) its soft score
+        official = torch.from_numpy(batch["vqa_official"]).gather(1, pick).double()  # (B, 1) its official accuracy
+        out = [float(vqa_loss(logits, scores)) * rows, rows, float(top.sum()), float(official.sum())]
         for t in ANSWER_TYPES:
             sel = torch.tensor([k == t for k in batch["kinds"]])
             out += [float(top[sel].sum()), float(sel.sum())]
@@ -167,9 +170,9 @@ class VqaTask(FinetuneTask):
 
     def metrics(self, sums: list[float]) -> dict[str, float]:
         n = max(sums[1], 1.0)
-        out = {"eval.loss": sums[0] / n, "eval.vqa_score": sums[2] / n}
+        out = {"eval.loss": sums[0] / n, "eval.vqa_score": sums[2] / n, "eval.vqa_accuracy": sums[3] / n}
         for j, t in enumerate(ANSWER_TYPES):
-            s, c = sums[3 + 2 * j], sums[4 + 2 * j]
+            s, c = sums[4 + 2 * j], sums[5 + 2 * j]
             if c:
                 out[f"eval.vqa_score.{t.replace('/', '_')}"] = s / c
         return out
