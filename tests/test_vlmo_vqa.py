@@ -204,6 +204,8 @@ def test_vqa_cache_round_trip(data) -> None:
     assert q2.text == f"Is there a {obj} in the image?"  # picture 16 (even) shows it: 9 x "yes", 1 x "no"
     assert q2.scores[train.answers.index("yes")] == 1.0 and q2.scores[train.answers.index("no")] == pytest.approx(1 / 3)
     assert val.ceiling() == pytest.approx(1.0)
+    vlmo_targets = VqaQuestions(data["vqa_val"], train.answers, targets="official")  # as VLMo's code trains
+    assert np.array_equal(vlmo_targets[1].scores, q1.official) and np.array_equal(vlmo_targets[1].soft, q1.scores)
     assert q0.image.std() > 5  # a picture, not a blank
 
 

@@ -35,8 +35,9 @@ class QaSample:
     image: np.ndarray  # (H, W, 3) uint8; NLVR2: the left image
     text: str  # the question / the statement
     key: str  # question id / NLVR2 identifier
-    scores: Optional[np.ndarray] = None  # VQA: (answers,) float32 soft scores; None unannotated
-    official: Optional[np.ndarray] = None  # VQA: (answers,) the official (leave-one-out) accuracy
+    scores: Optional[np.ndarray] = None  # VQA: (answers,) float32 training targets; None unannotated
+    soft: Optional[np.ndarray] = None  # VQA: (answers,) min(1, n / 3) (eval.vqa_score)
+    official: Optional[np.ndarray] = None  # VQA: (answers,) the official accuracy (eval.vqa_accuracy)
     image_2: Optional[np.ndarray] = None  # NLVR2: the right image
     label: int = -1  # NLVR2: 1 true, 0 false, -1 unlabelled
     kind: str = ""  # VQA: the answer type (yes/no, number, other)
@@ -61,10 +62,13 @@ def _open(root: str | Path, kind: str, verify: str, decoder: str) -> CachedDatas
 
 
 class VqaQuestions(torch.utils.data.Dataset):
-    """The questions of a ``--from vqa`` cache, scored over ``answers`` (None: the cache's own)."""
+    """The questions of a ``--from vqa`` cache, scored over ``answers`` (None: the cache's own).
+    ``targets``: what ``scores`` (the training targets) hold, "soft" min(1, n / 3) or "official"
+    (the official accuracy); ``official`` always holds the official accuracy (evaluation)."""
 
     def __init__(self, root: str | Path, answers: Optional[Sequence[str]] = None, verify: str = "checksum",
-                 decoder: str = "auto") -> None:
+                 decoder: str = "auto", targets: str = "soft") -> None:
+        self.targets = targets
         self.images = _open(root, vqa_ingest.KIND, verify, decoder)
         table = vqa_ingest.read_table(self.images.root)
         self.answers = list(table["answers"] if answers is None else answers)
@@ -84,12 +88,13 @@ class VqaQuestions(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> QaSample:
         q = self.questions[i]
-        scores = official = None
+        soft = official = None
         if "answers" in q:
-            scores = np.asarray(score_vector(q["answers"], self.answer_index, len(self.answers)), np.float32)
+            soft = np.asarray(score_vector(q["answers"], self.answer_index, len(self.answers)), np.float32)
             official = np.asarray(score_vector(q["answers"], self.answer_index, len(self.answers), True), np.float32)
         return QaSample(image=self.images[self.rows[i]].image, text=q["question"], key=str(q["question_id"]),
-                        scores=scores, official=official, kind=q.get("answer_type", ""))
+                        scores=official if self.targets == "official" else soft, soft=soft, official=official,
+                        kind=q.get("answer_type", ""))
 
 
 class Nlvr2Statements(torch.utils.data.Dataset):
@@ -136,7 +141,8 @@ class QaCollator:
             out["labels"] = torch.tensor([s.label for s in samples], dtype=torch.long)  # (B,)
         elif all(s.scores is not None for s in samples):
             out["vqa_scores"] = torch.from_numpy(np.stack([s.scores for s in samples]))  # (B, answers)
-            # (B, answers) numpy, not a tensor: evaluation only (the model's forward never sees it)
+            # (B, answers) numpy, not tensors: evaluation only (the model's forward never sees them)
+            out["vqa_soft"] = np.stack([s.soft for s in samples])
             out["vqa_official"] = np.stack([s.official for s in samples])
         out["kinds"] = [s.kind for s in samples]
         return out

@@ -75,6 +75,9 @@ class VlmoConfig:
     # Stages vqa / nlvr2: a cache of the same kind, e.g. VQA test-dev (no answers), whose answers
     # `dodo eval RUN --task predict` writes in the evaluation server's format ("": data.eval_cache).
     predict_cache: str = field(default="", metadata=MUST_EXIST)
+    # Stage vqa: the BCE targets per answer: "soft" min(1, annotators / 3), or "official" the
+    # official leave-one-annotator-out accuracy (0.3 / 0.6 / 0.9 / 1; ViLT's and VLMo's code).
+    vqa_targets: str = "soft"
     # Stages vqa / nlvr2: the new head's learning rate is train.lr x this (VLMo's lr_mult: 20 for
     # VQA; its NLVR2 setting keeps 1).
     head_lr_mult: float = 1.0
@@ -113,6 +116,8 @@ class VlmoConfig:
         check(self.stage != "nlvr2" or self.nlvr2, "nlvr2",
               "is false, but model.vlmo.stage=nlvr2 trains the NLVR2 head: set model.vlmo.nlvr2=true")
         check(self.head_lr_mult > 0, "head_lr_mult", f"must be > 0, got {self.head_lr_mult}")
+        check(self.vqa_targets in ("soft", "official"), "vqa_targets",
+              f"must be soft (min(1, annotators / 3)) or official (0.3 / 0.6 / 0.9 / 1), got {self.vqa_targets!r}")
         check(not self.predict_cache or self.stage in FINETUNE, "predict_cache",
               f"is set, but model.vlmo.stage={self.stage} predicts nothing; it is for the stages vqa and nlvr2")
         check(0 < self.mlm_prob < 1, "mlm_prob", f"must be in (0, 1), got {self.mlm_prob}")

@@ -132,19 +132,20 @@ class VqaTask(FinetuneTask):
 
     def datasets(self, cfg: JobConfig) -> tuple[VqaQuestions, VqaQuestions]:
         d = cfg.data
-        train = VqaQuestions(d.train_cache, None, d.verify, d.decoder)
+        targets = cfg.model.vlmo.vqa_targets
+        train = VqaQuestions(d.train_cache, None, d.verify, d.decoder, targets)
         if len(train.answers) != cfg.model.vlmo.vqa_answers:  # the twin of the submit-time check
             raise ValueError(f"model.vlmo.vqa_answers={cfg.model.vlmo.vqa_answers}, but {d.train_cache} has "
                              f"{len(train.answers)} answers; set model.vlmo.vqa_answers={len(train.answers)}")
-        return train, VqaQuestions(d.eval_cache, train.answers, d.verify, d.decoder)
+        return train, VqaQuestions(d.eval_cache, train.answers, d.verify, d.decoder, targets)
 
     def batch_sums(self, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
         logits = model.vqa_logits(batch["images"].to(device), batch["input_ids"].to(device),
                                   batch["attention_mask"].to(device)).float().cpu()  # (B, answers)
-        scores = batch["vqa_scores"]  # (B, answers)
+        scores = batch["vqa_scores"]  # (B, answers) the training targets (model.vlmo.vqa_targets)
         rows = len(scores)
         pick = logits.argmax(1, keepdim=True)  # (B, 1) the top answer
-        top = scores.gather(1, pick).squeeze(1).double()  # (B,) its soft score
+        top = torch.from_numpy(batch["vqa_soft"]).gather(1, pick).squeeze(1).double()  # (B,) its soft score
         official = torch.from_numpy(batch["vqa_official"]).gather(1, pick).double()  # (B, 1) its official accuracy
         out = [float(vqa_loss(logits, scores)) * rows, rows, float(top.sum()), float(official.sum())]
         for t in ANSWER_TYPES:
