@@ -303,6 +303,7 @@ def test_submit_refuses_wrong_data_and_heads(data, workdir: Path) -> None:
                         "model.vlmo.nlvr2=false"], "model.vlmo.nlvr2"),
         ("vlmo_nlvr2", [tok, f"data.train_cache={data['nlvr2_train']}", f"data.eval_cache={data['nlvr2_dev']}",
                         f"model.vlmo.predict_cache={data['vqa_test']}"], "model.vlmo.predict_cache"),
+        ("vlmo_vqa", [*vqa[:3], "data.image_size=64", "model.vlmo.image_size=64"], "data.train_cache"),
     ]
     for job, args, key in cases:
         proc = _submit(workdir, job, *args, check=False)

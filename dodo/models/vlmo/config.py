@@ -235,6 +235,9 @@ def _check_finetune_data(job) -> None:
         check(kind == stage, key,
               f"{path} is a {kind} cache, but model.vlmo.stage={stage} reads one built --from {stage}; "
               f"build it with {_BUILD[stage]}")
+        check(m.image_size == d.image_size, key,
+              f"{path} holds {m.image_size} px images, but data.image_size={d.image_size}; set data.image_size and "
+              f"model.vlmo.image_size to {m.image_size}, or rebuild the cache with --image-size {d.image_size}")
         if key.startswith("model"):  # predictions need no answers (test-dev)
             continue
         key = key[5:]
