@@ -49,22 +49,36 @@ def _ep_worker(rank: int, port: int) -> None:
 
     from dodo.moe.config import MoEConfig
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    from datetime import timedelta
+    # A collective mismatch hangs gloo until its timeout: fail in a minute, not thirty.
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, timeout=timedelta(seconds=60))
     for dropless in (False, True):
         _check_ep_equals_ep1(rank, MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=2,
                                              dropless=dropless, aux_loss=0.1, z_loss=0.01))
+    # Every token of both ranks routed to rank 1's experts: rank 0 computes nothing, yet both
+    # ranks must run the same all-to-alls in backward (dropless top-1 after upcycling did not).
+    for top_k in (1, 2):
+        _check_ep_equals_ep1(rank, MoEConfig(num_experts=4, top_k=top_k, dropless=True, aux_loss=0.1,
+                                             z_loss=0.01), skew=True)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _check_ep_equals_ep1(rank: int, cfg) -> None:
+def _check_ep_equals_ep1(rank: int, cfg, skew: bool = False) -> None:
     import torch.distributed as dist
 
     ref, ep = _make_layer(cfg), _make_layer(replace(cfg, ep_size=2))
+    if skew:  # positive inputs (below), so experts 0 and 1 always score below 2 and 3
+        for layer in (ref, ep):
+            with torch.no_grad():
+                layer.deepspeed_moe.gate.wg.weight[:2] = -1.0
+                layer.deepspeed_moe.gate.wg.weight[2:].abs_()
     ep.set_deepspeed_parallelism()  # what DeepSpeed's engine calls: groups + this rank's experts
     assert list(ep.global_expert_ids()) == [2 * rank, 2 * rank + 1]
     torch.manual_seed(1)
     x, g = torch.randn(2, 3, 7, 8, dtype=torch.float64), torch.randn(2, 3, 7, 8)  # global batch
+    if skew:
+        x = x.abs() + 0.1
     ref.double(), ep.double()
 
     # EP=1 reference, in this process: the loss summed over both ranks' batches.
@@ -90,7 +104,9 @@ def _check_ep_equals_ep1(rank: int, cfg) -> None:
     assert torch.allclose(router_grad, ref.deepspeed_moe.gate.wg.weight.grad, **tol)
     for local, e in zip(ep.local_experts, ep.global_expert_ids()):
         for (name, p), q in zip(local.named_parameters(), ref.local_experts[e].parameters()):
-            assert torch.allclose(p.grad, q.grad, **tol), (e, name)
+            # An expert that got no token may have no gradient at all (the same on both paths).
+            pg, qg = (t.grad if t.grad is not None else torch.zeros_like(t) for t in (p, q))
+            assert torch.allclose(pg, qg, **tol), (e, name)
             assert p.allreduce is False and p.group_name == "ep_size_2"
 
     # Replicated experts: the same outputs without any exchange (rank 0 alone may run it).
@@ -103,7 +119,8 @@ def _check_ep_equals_ep1(rank: int, cfg) -> None:
 
 
 def test_ep2_equals_ep1_outputs_and_gradients():
-    """Capacity dropping (factor 1.0, so some tokens are dropped) and dropless."""
+    """Capacity dropping (factor 1.0, so some tokens are dropped), dropless, and dropless with
+    every token on one rank's experts."""
     mp.spawn(_ep_worker, args=(_free_port(),), nprocs=2, join=True)
 
 

@@ -102,6 +102,13 @@ def moe_dispatch(x: Tensor, token: Tensor, expert: Tensor, weight: Tensor, exper
         else:
             computed = grouped_experts(received[regroup], recv_counts.sum(0).tolist(), experts)
             back = torch.empty_like(computed).index_copy(0, regroup, computed)  # undo the regroup
+        if received.requires_grad and not back.requires_grad:
+            # Every rank must run both all-to-alls in backward, in the same order. A rank that
+            # received no rows gets back an output not connected to ``received`` (the fused op
+            # had nothing to compute), so autograd would skip both exchanges on this rank while
+            # its peers wait in them (gloo: "Received data size doesn't match expected size").
+            # Tie the (empty) result back to the graph; adds zero.
+            back = back + received * 0
         out = all_to_all(back, recv, send, group)
     return combine(x.shape[0], token[order], weight[order], out).to(x.dtype)
 
