@@ -5,7 +5,12 @@ The gallery holds each image once (deduplicated by ``Sample.image_id``) and ever
   text -> image ("t2i", image retrieval): a hit at k when the caption's own image is in its top k;
   image -> text ("i2t", text retrieval): a hit at k when ANY of the image's captions is in its top k.
 Reported: ``i2t_r{k}``, ``t2i_r{k}`` for each k and ``r_mean``, their mean (the "RSUM / 6" of
-the papers). Ties between a positive and a negative go to the positive.
+the papers). Ties between the best positive and negatives are broken at random, in
+expectation: with g negatives scoring above it and t tied with it, its place is uniform over
+g .. g + t, so a hit at k counts min(1, max(0, k - g) / (t + 1)). The papers' code breaks ties
+by index order (argsort / topk), which is arbitrary; counting ties as hits would give a model
+whose embeddings collapsed (every caption the same vector) perfect recall, and inflates I->T
+recall wherever captions repeat across images.
 
 ``recall_at_k`` (dense ``positives`` matrix, keys ``tr_r{k}`` / ``ir_r{k}``) is the general
 form, kept for callers with positives that are not image ids (the shapes suite: identical
@@ -35,12 +40,23 @@ def positives_from_captions(image_captions: Sequence[str], texts: Sequence[str])
     return torch.tensor([[c == t for t in texts] for c in image_captions], dtype=torch.bool)
 
 
-def _hits(scores: torch.Tensor, positives: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """Rows are queries. Rank of the best positive = number of negatives scoring above it."""
+def _place(scores: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows are queries: (negatives scoring above the best positive, negatives tied with it), (Q,) each."""
     best = scores.masked_fill(~positives, float("-inf")).max(1, keepdim=True).values  # (Q, 1)
-    rank = ((scores > best) & ~positives).sum(1)  # (Q,)
+    above = ((scores > best) & ~positives).sum(1)
+    tied = ((scores == best) & ~positives).sum(1)
+    return above, tied
+
+
+def _hit_rate(above: torch.Tensor, tied: torch.Tensor, k: int) -> float:
+    """Mean over queries of P(rank < k) with the tied negatives in random order (module docstring)."""
+    return float(((k - above).clamp_min(0).double() / (tied + 1).double()).clamp_max(1.0).mean())
+
+
+def _hits(scores: torch.Tensor, positives: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
     valid = positives.any(1)
-    return {k: float((rank[valid] < k).double().mean()) for k in ks}
+    above, tied = _place(scores[valid], positives[valid])
+    return {k: _hit_rate(above, tied, k) for k in ks}
 
 
 def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
@@ -65,22 +81,21 @@ def recall_by_image_ids(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to
     owner = torch.as_tensor(list(text_to_image), dtype=torch.long)  # (T,)
     if len(owner) != len(txt):
         raise ValueError(f"{len(owner)} image indices for {len(txt)} texts")
-    i2t_rank, t2i_rank = [], []
+    i2t, t2i = [], []  # (above, tied) per query chunk
+    images = torch.arange(len(img))
     for lo in range(0, len(txt), chunk):  # text -> image: the caption's own image
         s = txt[lo:lo + chunk] @ img.T  # (q, I)
-        own = s.gather(1, owner[lo:lo + chunk, None])  # (q, 1)
-        t2i_rank.append((s > own).sum(1))
-    rows = torch.arange(len(img))
+        t2i.append(_place(s, images[None, :] == owner[lo:lo + chunk, None]))
     for lo in range(0, len(img), chunk):  # image -> text: the best of its captions
         s = img[lo:lo + chunk] @ txt.T  # (q, T)
-        pos = owner[None, :] == rows[lo:lo + chunk, None]  # (q, T)
-        best = s.masked_fill(~pos, float("-inf")).max(1, keepdim=True).values
-        rank = ((s > best) & ~pos).sum(1)
-        i2t_rank.append(rank[pos.any(1)])  # an image without captions is no query
+        pos = owner[None, :] == images[lo:lo + chunk, None]  # (q, T)
+        query = pos.any(1)  # an image without captions is no query
+        i2t.append(_place(s[query], pos[query]))
     out = {}
-    for name, ranks in (("i2t", torch.cat(i2t_rank)), ("t2i", torch.cat(t2i_rank))):
+    for name, places in (("i2t", i2t), ("t2i", t2i)):
+        above, tied = (torch.cat(part) for part in zip(*places))
         for k in ks:
-            out[f"{name}_r{k}"] = float((ranks < k).double().mean())
+            out[f"{name}_r{k}"] = _hit_rate(above, tied, k)
     out["r_mean"] = sum(out.values()) / len(out)
     return out
 
