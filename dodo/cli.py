@@ -73,14 +73,18 @@ def _parser() -> argparse.ArgumentParser:
     tb.add_argument("--metrics", nargs="+", default=[], metavar="GLOB",
                     help="methods: only these metric keys, e.g. 'eval.zeroshot.*.top1'")
     tb.add_argument("--dataset", default="", help="retrieval: one dataset; idood: one suite kind")
+    tb.add_argument("--rescored", action="store_true",
+                    help="the suite metrics of `dodo eval RUN --task suites` (RUN/eval/suites.json) in place "
+                         "of those recorded at the end of training, where a run has them")
 
     _data_parser(sub)
 
     ev = sub.add_parser("eval", help="evaluate a trained run (retrieval, zero-shot, kNN, WiSE curve)")
     ev.add_argument("run", help="a run directory with a checkpoint")
-    ev.add_argument("--task", default=None, choices=["retrieval", "zeroshot", "knn", "wise", "weightwatcher", "predict",
-                                                     "all"],
-                    help="default: all (retrieval, zeroshot, knn, wise); predict: VLMo vqa / nlvr2 answers for "
+    ev.add_argument("--task", default=None, choices=["retrieval", "zeroshot", "knn", "wise", "weightwatcher", "suites",
+                                                     "predict", "all"],
+                    help="default: all (retrieval, zeroshot, knn, wise); suites: the job's eval.suites again "
+                         "(read by dodo table --rescored); predict: VLMo vqa / nlvr2 answers for "
                          "model.vlmo.predict_cache (the evaluation servers' formats)")
     ev.add_argument("--wise", action="store_true", help="the WiSE-FT curve against the stored pretrained weights")
     ev.add_argument("--weightwatcher", action="store_true", help="WeightWatcher's per-layer alpha (mean + layers)")
@@ -536,7 +540,7 @@ def cmd_table(args: argparse.Namespace) -> int:
     folder = Chain.open(args.sweep) if (Path(args.sweep) / "chain.json").is_file() else Sweep.open(args.sweep)
     options = {} if args.layout == "points" else {"metric": args.metric, "metrics": args.metrics,
                                                  "dataset": args.dataset}
-    print(write_table(folder, args.layout, effective_state, **options), end="")
+    print(write_table(folder, args.layout, effective_state, rescored=args.rescored, **options), end="")
     stem = "table" if args.layout == "points" else f"table_{args.layout}"
     print(f"(also written to {folder.path}/{stem}.md and {stem}.csv)")
     return 0

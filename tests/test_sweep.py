@@ -195,3 +195,19 @@ def test_rows_are_grouped_by_values_not_by_label(tmp_path: Path):
         finish(run, {"eval.loss": 1.0}, 10, record_tags=False)
     rows = tbl.method_table(sweep, "methods")[1]
     assert [r[:2] for r in rows] == [["adapter.dropout=0.1", "2"], ["lora.dropout=0.1", "2"]]
+
+
+def test_rescored_table_reads_the_suites_rerun(tmp_path: Path):
+    """`dodo eval RUN --task suites` writes eval/suites.json; `dodo table --rescored` takes its
+    keys over the training-time ones where a run has it, and keeps the rest."""
+    sweep, _ = sweeps.create(DEMO, [f"runs_dir={tmp_path}/runs"], ["data.seed=0,1"], None)
+    for s, run in enumerate(sweep.runs()):
+        finish(run, {"eval.retrieval.coco.i2t_r1": 0.9, "eval.loss": 2.0 + s}, 10, record_tags=False)
+    rerun = sweep.runs()[0].path / "eval"
+    rerun.mkdir()
+    write_json_atomic(rerun / "suites.json", {"step": 5, "final": {"eval.retrieval.coco.i2t_r1": 0.5}})
+    cols = ["eval.retrieval.coco.i2t_r1", "eval.loss"]
+    assert tbl.method_table(sweep, "methods", metrics=cols)[1][0][3:] == ["2.5 ± 0.7071", "90.0 ± 0.0"]
+    assert tbl.method_table(sweep, "methods", metrics=cols, rescored=True)[1][0][3:] == ["2.5 ± 0.7071", "70.0 ± 28.3"]
+    out = dodo("table", str(sweep.path), "--layout", "methods", "--rescored", cwd=tmp_path).stdout
+    assert "70.0 ± 28.3" in out

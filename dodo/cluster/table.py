@@ -13,6 +13,10 @@ label is the point's name (a listed point's label) with its other non-seed value
 overrides. Datasets are tagged ID / OOD from summary.json's "eval_datasets", else from the run's
 config.yaml (eval.suites). Recall / accuracy metrics are shown in percent in the method layouts.
 Sample standard deviation (n - 1); a cell with one seed shows the value alone.
+
+``--rescored``: where a run has <run>/eval/suites.json (`dodo eval RUN --task suites`, the
+job's suites rerun on the final checkpoint, e.g. after a metric was fixed), its keys replace
+those of summary.json's "final"; the other keys stay as training recorded them.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class Entry:
     run: RunDir
     values: dict[str, Any] = field(default_factory=dict)  # the point's overrides (points layout)
     group: str = ""  # what makes a method row (the label may shorten keys); "" = the label
+    rescored: bool = False  # overlay eval/suites.json on "final" (module docstring)
 
     @property
     def key(self) -> str:
@@ -58,7 +63,11 @@ class Entry:
 
     @property
     def summary(self) -> dict:
-        return read_json(self.run.summary_file, {}) or {}
+        summary = read_json(self.run.summary_file, {}) or {}
+        again = read_json(self.run.path / "eval" / "suites.json", {}) if self.rescored and summary else {}
+        if again.get("final"):
+            summary["final"] = {**summary.get("final", {}), **again["final"]}
+        return summary
 
     def tags(self) -> dict[str, dict[str, str]]:
         recorded = self.summary.get("eval_datasets")
@@ -73,8 +82,15 @@ class Entry:
         return dataset_tags(((tree.get("eval") or {}).get("suites")) or [])
 
 
-def entries(collection: Any) -> list[Entry]:
+def entries(collection: Any, rescored: bool = False) -> list[Entry]:
     """A Sweep's points, or anything with an ``entries()`` method (a Chain)."""
+    out = _entries(collection)
+    for e in out:
+        e.rescored = rescored
+    return out
+
+
+def _entries(collection: Any) -> list[Entry]:
     if hasattr(collection, "entries"):
         return collection.entries()
     out = []
@@ -110,12 +126,12 @@ def _listed_keys(collection: Any, point: Any) -> set[str]:
 # ---------------------------------------------------------------- layouts
 
 
-def points_table(collection: Any, state_of: Callable[[RunDir], str] | None = None
+def points_table(collection: Any, state_of: Callable[[RunDir], str] | None = None, rescored: bool = False
                  ) -> tuple[list[str], list[list[str]]]:
     """Header and one row per point: its values, state, step, trainable parameters, final metrics.
     ``state_of``: the run's state as `dodo status` tells it (passed in: dodo.status is cli-level)."""
     state_of = state_of or (lambda run: run.status().get("state", "unknown"))
-    rows_in = entries(collection)
+    rows_in = entries(collection, rescored)
     keys = list(dict.fromkeys(k for e in rows_in for k in e.values))
     summaries = [e.summary for e in rows_in]
     tags = _merged_tags(rows_in)
@@ -133,9 +149,9 @@ def points_table(collection: Any, state_of: Callable[[RunDir], str] | None = Non
 
 
 def method_table(collection: Any, layout: str = "methods", metric: str = "", metrics: list[str] = (),
-                 dataset: str = "") -> tuple[list[str], list[list[str]]]:
+                 dataset: str = "", rescored: bool = False) -> tuple[list[str], list[list[str]]]:
     """One row per method (seeds grouped): seeds, trainable params, then the layout's columns."""
-    rows_in = entries(collection)
+    rows_in = entries(collection, rescored)
     groups: dict[str, list[Entry]] = {}
     for e in rows_in:
         groups.setdefault(e.key, []).append(e)
@@ -231,7 +247,7 @@ def write_table(collection: Any, layout: str = "points", state_of: Callable | No
     if layout not in LAYOUTS:
         raise FileNotFoundError(f"--layout {layout}: no such layout; use one of {', '.join(LAYOUTS)}")
     if layout == "points":
-        header, rows = points_table(collection, state_of)
+        header, rows = points_table(collection, state_of, options.get("rescored", False))
     else:
         header, rows = method_table(collection, layout, **options)
     md = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

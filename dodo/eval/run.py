@@ -8,6 +8,8 @@ local weights), loads the trainable state of the newest checkpoint, and runs on 
                                eval.suites (kNN / zero-shot / retrieval per dataset, ID and OOD,
                                + ood_mean), or without suites the task's held-out metrics
   weightwatcher                WeightWatcher's per-layer power-law alpha (dodo/eval/weightwatch.py)
+  suites                       the job's eval.suites again on the final checkpoint (after a
+                               metric changed: `dodo table --rescored` then reads these)
   predict                      VLMo vqa / nlvr2 runs: the answers for model.vlmo.predict_cache
                                (e.g. VQA test-dev) in the evaluation servers' formats
                                (dodo/models/vlmo/task_finetune.py)
@@ -24,7 +26,7 @@ import torch
 
 from dodo.config.errors import ConfigError
 
-TASKS = ("retrieval", "zeroshot", "knn", "wise", "weightwatcher", "predict")
+TASKS = ("retrieval", "zeroshot", "knn", "wise", "weightwatcher", "suites", "predict")
 ALL = ("retrieval", "zeroshot", "knn", "wise")  # `--task all`; weightwatcher on request
 
 
@@ -40,6 +42,9 @@ def eval_run(run_dir: str, task_names: str | Sequence[str]) -> int:
     names = [n for name in names for n in (ALL if name == "all" else (name,))]
     run = RunDir.open(run_dir)
     cfg = load_job(run.config)
+    if "suites" in names and not getattr(cfg.eval, "suites", None):
+        raise ConfigError(f"{run.config}: eval.suites is empty, so --task suites has nothing to rerun; "
+                          "use --task retrieval / zeroshot / knn for the task's own metrics")
     ckpt = checkpoint.latest(run)
     if ckpt is None:
         raise FileNotFoundError(f"{run.path} has no published checkpoint yet; train it first "
@@ -62,6 +67,9 @@ def eval_run(run_dir: str, task_names: str | Sequence[str]) -> int:
     for name in names:
         if name == "wise":
             results, lines = _wise(task, cfg, run.path, out_dir, fresh)
+        elif name == "suites":  # keys as in summary.json's "final" (eval.<kind>.<dataset>.<metric>)
+            found, lines = task.suite_report(task.model)
+            results = {"final": found}
         elif name == "weightwatcher":
             from dodo.eval.weightwatch import report
             results, lines = report(task.model, out_dir)
