@@ -31,6 +31,8 @@ def test_clip_job_improves_retrieval_and_eval_matches(job, workdir: Path):
         got = json.loads((run / "eval" / "retrieval.json").read_text())
         assert got["eval.id.r_mean"] == pytest.approx(last["eval.id.r_mean"], abs=1e-6), ev.stdout
         assert got["eval.ood.r_mean"] == pytest.approx(last["eval.ood.r_mean"], abs=1e-6)
+        none = dodo("eval", str(run), "--task", "suites", cwd=workdir, check=False)
+        assert none.returncode == 2 and "eval.suites is empty" in none.stderr, none.stderr
         # The WiSE curve itself is unit-tested (tests/test_eval_metrics.py, tests/test_adapters.py).
 
 

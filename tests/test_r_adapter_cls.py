@@ -168,3 +168,10 @@ def test_classification_finetuning_and_wise_suites_per_dataset(workdir: Path, re
     for key in ("zeroshot.imagenet.top1", "knn.cifar10.top1"):
         assert rows[1][key] == pytest.approx(final[f"eval.{key}"], abs=1e-6), key
     assert rows[1]["zeroshot.imagenet.top1"] > rows[0]["zeroshot.imagenet.top1"]
+    # The suites rerun on the final checkpoint (what `dodo table --rescored` reads) equal training's.
+    dodo("eval", str(run), "--task", "suites", cwd=workdir, timeout=600)
+    again = json.loads((run / "eval" / "suites.json").read_text())["final"]
+    suite_keys = [k for k in final if k.startswith(("eval.zeroshot.", "eval.knn."))]
+    assert suite_keys and sorted(again) == sorted(suite_keys)
+    for key in suite_keys:
+        assert again[key] == pytest.approx(final[key], abs=1e-6), key
