@@ -275,3 +275,25 @@ def test_shipped_chains_dry_run(workdir: Path, name: str, runs: int):
     (workdir / "chains").symlink_to(REPO / "chains")
     out = dodo("chain", f"chains/{name}.yaml", "--dry-run", f"runs_dir={workdir}/runs", cwd=workdir)
     assert f"# {runs} stage runs checked" in out.stdout and not (workdir / "runs").exists()
+
+
+def test_local_chain_stops_with_a_stopped_stage(tmp_path: Path):
+    """A signal stops the stage it reaches after a checkpoint (state stopped, exit 3); the chain
+    then starts no later stage, even one that does not depend on it."""
+    text = UPCYCLE + "    seeds: [0, 1]\n"
+    chain, configs = chains.create(str(write_chain(tmp_path, text)), [f"runs_dir={tmp_path}/runs"], None)
+    started = []
+
+    class Backend:  # the local backend's contract: run in the foreground, leave the state in status.json
+        def submit(self, run, cfg, foreground):
+            started.append(run.path.name)
+            run.update_status(state="stopped", reason="terminate signal (TERM)")
+            return None, 3
+
+    worst, problems = chain_submit.run_local(chain, configs, Backend())
+    assert started == ["dense_s0"] and worst == 3
+    assert problems[0].startswith("stage dense_s0 ended stopped (exit 3)")
+    for line, name in zip(problems[1:], ["moe_s0", "dense_s1", "moe_s1"]):
+        assert line.startswith(f"stage {name}: not run: the chain stopped at stage dense_s0 (terminate signal")
+        assert f"`dodo submit {chain.path / 'dense_s0'}` resumes that stage" in line
+    assert chain.run(chain.instances[2]).status()["state"] == "blocked"

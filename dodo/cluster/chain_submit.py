@@ -76,15 +76,20 @@ def submit_batch(chain: Chain, configs: list[JobConfig], backend: Any) -> list[s
 
 
 def run_local(chain: Chain, configs: list[JobConfig], backend: Any) -> tuple[int, list[str]]:
-    """Stages in order in the foreground; a stage whose inputs did not complete is not started.
+    """Stages in order in the foreground; a stage whose inputs did not complete is not started,
+    and none after a stage stopped on request (a signal: it checkpointed and can resume).
     Returns (the worst exit status, one line per stage that failed or was not run)."""
     data = read_json(chain.file, {})
     data.update(backend="local")
     write_json_atomic(chain.file, data)
     by_dir = {i.dir: i for i in chain.instances}
-    worst, problems = 0, []
+    worst, problems, stopped = 0, [], ""
     for inst, cfg in zip(chain.instances, configs):
         run = chain.run(inst)
+        if stopped:  # Ctrl-C / a TERM stops the chain, not only the stage it reached
+            run.update_status(state="blocked", reason=f"not run: {stopped}")
+            problems.append(f"stage {inst.dir}: not run: {stopped}")
+            continue
         bad = [d for d in inst.deps if chain.run(by_dir[d]).status().get("state") != "completed"]
         if bad:
             dep_run = chain.run(by_dir[bad[0]])
@@ -95,6 +100,9 @@ def run_local(chain: Chain, configs: list[JobConfig], backend: Any) -> tuple[int
             continue
         print(f"dodo: chain {chain.name}: stage {inst.dir} ({run.path})", flush=True)
         _, code = backend.submit(run, cfg, foreground=True)
+        if run.status().get("state") == "stopped":
+            stopped = (f"the chain stopped at stage {inst.dir} ({run.status().get('reason', 'a signal')}); "
+                       f"`dodo submit {run.path}` resumes that stage")
         if run.status().get("state") != "completed":
             problems.append(f"stage {inst.dir} ended {run.status().get('state', 'unknown')} (exit {code}); "
                             f"its log: {run.rank_log(0)}")
