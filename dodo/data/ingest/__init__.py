@@ -19,9 +19,10 @@ split, class names and class ids. Sources register by name in ``SOURCES``.
 from __future__ import annotations
 
 import abc
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -129,6 +130,23 @@ def read_file(path: Path) -> bytes:
         raise BadSample("missing file", str(path)) from None
     except OSError as err:
         raise BadSample("missing file", f"{path}: {err}") from None
+
+
+def json_lines(path: Path, fields: Sequence[str], what: str, errors: str = "replace"
+               ) -> Iterator[tuple[int, dict, tuple]]:
+    """(line number, record, the record's ``fields``) for each non-blank line of a JSON-lines
+    file; a line that is not a JSON object with those fields stops the source: "<path>:<n> is
+    not <what>"."""
+    with open(path, encoding="utf-8", errors=errors) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                values = tuple(record[k] for k in fields)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SourceError(f"{path}:{n} is not {what}") from None
+            yield n, record, values
 
 
 def require_path(src: str, what: str, want_dir: bool = False) -> Path:

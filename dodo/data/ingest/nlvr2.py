@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dodo.data.ingest import Item, Loaded, Source, SourceError, read_file, require_path
+from dodo.data.ingest import Item, Loaded, Source, SourceError, json_lines, read_file, require_path
 from dodo.data.ingest.images import BadSample
 
 KIND = "nlvr2"
@@ -55,19 +55,11 @@ class Nlvr2Source(Source):
     def items(self) -> list[Item]:
         path = require_path(self.src, "NLVR2 file")
         records: list[tuple[int, dict]] = []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    ident, sentence = rec["identifier"], rec["sentence"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise SourceError(f"{path}:{n} is not an NLVR2 record (one JSON object per line with "
-                                      "'identifier' and 'sentence')") from None
-                if not isinstance(ident, str) or ident.count("-") < 3:
-                    raise SourceError(f"{path}:{n}: identifier {ident!r} is not <split>-<set>-<pair>-<sentence>")
-                records.append((n, rec))
+        for n, rec, (ident, _) in json_lines(path, ("identifier", "sentence"), "an NLVR2 record (one JSON "
+                                             "object per line with 'identifier' and 'sentence')"):
+            if not isinstance(ident, str) or ident.count("-") < 3:
+                raise SourceError(f"{path}:{n}: identifier {ident!r} is not <split>-<set>-<pair>-<sentence>")
+            records.append((n, rec))
         if not records:
             raise SourceError(f"{path} holds no NLVR2 statements")
         split = records[0][1]["identifier"].split("-")[0]

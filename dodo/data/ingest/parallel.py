@@ -16,13 +16,12 @@ bad_samples.jsonl), never half-kept.
 from __future__ import annotations
 
 import glob
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from dodo.data.ingest import Item, Loaded, Source, SourceError
+from dodo.data.ingest import Item, Loaded, Source, SourceError, json_lines
 from dodo.data.ingest.images import BadSample, check_caption
 
 KIND = "parallel"
@@ -51,16 +50,9 @@ class ParallelSource(Source):
     def items(self) -> list[Item]:
         out: list[Item] = []
         for path in self.files():
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                        pair = (record["src"], record["tgt"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise SourceError(f"{path}:{n} is not a JSON object with 'src' and 'tgt' fields") from None
-                    out.append(Item(f"{len(out):09d}", f"{path}:{n}", pair))
+            for n, _, pair in json_lines(path, ("src", "tgt"), "a JSON object with 'src' and 'tgt' fields",
+                                         errors="surrogateescape"):
+                out.append(Item(f"{len(out):09d}", f"{path}:{n}", pair))
         if not out:
             raise SourceError(f"{self.src} holds no pairs")
         return out
