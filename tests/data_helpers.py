@@ -286,21 +286,10 @@ def write_img2dataset(root: Path, n: int, failed: tuple[int, ...] = (), shard: i
 def write_word_tokenizer(path: Path, texts: list[str] | None = None) -> Path:
     """A word-level tokenizer.json (tokenizers library) covering ``texts`` (default: every word
     the writers here produce). Specials: <|endoftext|> (EOS/PAD), <|image|>, <unk>, <mask>."""
-    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+    from dodo.data.tokenizer import SPECIAL_TOKENS, word_level_tokenizer
 
-    specials = ["<|endoftext|>", "<|image|>", "<unk>", "<mask>"]
-    norm, pre = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    words: set[str] = set()
-    for t in [*all_words(), *(texts or [])]:
-        words.update(p for p, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
-    vocab = {t: i for i, t in enumerate(specials)}
-    for w in sorted(words - set(specials)):
-        vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer, tok.pre_tokenizer = norm, pre
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
+    word_level_tokenizer([*all_words(), *(texts or [])], [*SPECIAL_TOKENS, "<mask>"]).save(str(path))
     return path
 
 

@@ -10,23 +10,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+from dodo.data.tokenizer import SPECIAL_TOKENS, word_level_tokenizer
 
-SPECIALS = ["<|endoftext|>", "<|image|>", "<unk>", "<mask>"]
 EXTRA = "a photo of a zero one two three four five six seven eight nine ."
 
 
 def build(out: Path, texts: list[str]) -> None:
-    norm, pre = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    words = {w for t in [*texts, EXTRA] for w, _ in pre.pre_tokenize_str(norm.normalize_str(t))}
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for w in sorted(words - set(SPECIALS)):
-        vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer, tok.pre_tokenizer = norm, pre
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out))
+    word_level_tokenizer([*texts, EXTRA], [*SPECIAL_TOKENS, "<mask>"]).save(str(out))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 import importlib.resources
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -35,22 +35,16 @@ def asset_path() -> Path:
     return Path(str(importlib.resources.files("dodo") / "assets" / ASSET_NAME))
 
 
-def build_synthetic_tokenizer(captions: Optional[Sequence[str]] = None) -> Tokenizer:
-    """A WordLevel tokenizer over the words of ``captions`` (default: every synthetic caption).
-
-    Deterministic: special tokens take ids 0..2, then the lowercased words in sorted order.
-    """
-    if captions is None:  # imported here: a run on real data never imports the generator
-        from dodo.data.synthetic import all_captions
-        captions = all_captions()
+def word_level_tokenizer(texts: Iterable[str], specials: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
+    """A WordLevel tokenizer over the lowercased words of ``texts``. Deterministic: ``specials``
+    take ids 0.., then the words in sorted order."""
     normalizer = normalizers.Lowercase()
     pre_tokenizer = pre_tokenizers.Whitespace()
     words: set[str] = set()
-    for caption in captions:
-        text = normalizer.normalize_str(caption)
-        words.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(text))
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for word in sorted(words - set(SPECIAL_TOKENS)):
+    for text in texts:
+        words.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    vocab = {token: i for i, token in enumerate(specials)}
+    for word in sorted(words - set(specials)):
         vocab[word] = len(vocab)
 
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
@@ -58,9 +52,16 @@ def build_synthetic_tokenizer(captions: Optional[Sequence[str]] = None) -> Token
     tokenizer.pre_tokenizer = pre_tokenizer
     # No decoder: decoding joins words with single spaces, which is exactly the caption form.
     # Registering the specials keeps "<|image|>" whole and lets decode skip them.
-    tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return tokenizer
+
+
+def build_synthetic_tokenizer(captions: Optional[Sequence[str]] = None) -> Tokenizer:
+    """`word_level_tokenizer` over ``captions`` (default: every synthetic caption)."""
+    if captions is None:  # imported here: a run on real data never imports the generator
+        from dodo.data.synthetic import all_captions
+        captions = all_captions()
+    return word_level_tokenizer(captions)
 
 
 def rebuild(out: Path) -> Path:
