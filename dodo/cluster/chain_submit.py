@@ -100,11 +100,12 @@ def run_local(chain: Chain, configs: list[JobConfig], backend: Any) -> tuple[int
             continue
         print(f"dodo: chain {chain.name}: stage {inst.dir} ({run.path})", flush=True)
         _, code = backend.submit(run, cfg, foreground=True)
-        if run.status().get("state") == "stopped":
-            stopped = (f"the chain stopped at stage {inst.dir} ({run.status().get('reason', 'a signal')}); "
+        status = run.status()
+        if status.get("state") == "stopped":
+            stopped = (f"the chain stopped at stage {inst.dir} ({status.get('reason', 'a signal')}); "
                        f"`dodo submit {run.path}` resumes that stage")
-        if run.status().get("state") != "completed":
-            problems.append(f"stage {inst.dir} ended {run.status().get('state', 'unknown')} (exit {code}); "
+        if status.get("state") != "completed":
+            problems.append(f"stage {inst.dir} ended {status.get('state', 'unknown')} (exit {code}); "
                             f"its log: {run.rank_log(0)}")
             worst = max(worst, code or 1)
     return worst, problems

@@ -23,6 +23,7 @@ import torch
 
 from dodo.data.dataset import CachedDataset
 from dodo.data.ingest import nlvr2 as nlvr2_ingest
+from dodo.data.ingest import read_table
 from dodo.data.ingest import vqa as vqa_ingest
 from dodo.data.ingest.vqa_answers import best_possible, score_vector
 from dodo.data.manifest import CacheError
@@ -70,7 +71,7 @@ class VqaQuestions(torch.utils.data.Dataset):
                  decoder: str = "auto", targets: str = "soft") -> None:
         self.targets = targets
         self.images = _open(root, vqa_ingest.KIND, verify, decoder)
-        table = vqa_ingest.read_table(self.images.root)
+        table = read_table(self.images.root, vqa_ingest.TABLE)
         self.answers = list(table["answers"] if answers is None else answers)
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
         where = _image_index(self.images)
@@ -102,7 +103,7 @@ class Nlvr2Statements(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, verify: str = "checksum", decoder: str = "auto") -> None:
         self.images = _open(root, nlvr2_ingest.KIND, verify, decoder)
-        table = nlvr2_ingest.read_table(self.images.root)
+        table = read_table(self.images.root, nlvr2_ingest.TABLE)
         where = _image_index(self.images)
         self.statements = [s for s in table["statements"] if s["left"] in where and s["right"] in where]
         self.rows = [(where[s["left"]], where[s["right"]]) for s in self.statements]

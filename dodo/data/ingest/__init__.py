@@ -132,6 +132,11 @@ def read_file(path: Path) -> bytes:
         raise BadSample("missing file", f"{path}: {err}") from None
 
 
+def read_table(root: str | Path, name: str) -> Any:
+    """A table a source wrote beside a cache's shards (``Source.tables``), e.g. VQA's questions."""
+    return json.loads((Path(root).expanduser() / name).read_text(encoding="utf-8"))
+
+
 def json_lines(path: Path, fields: Sequence[str], what: str, errors: str = "replace"
                ) -> Iterator[tuple[int, dict, tuple]]:
     """(line number, record, the record's ``fields``) for each non-blank line of a JSON-lines

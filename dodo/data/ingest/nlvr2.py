@@ -20,7 +20,6 @@ bad sample (bad_samples.jsonl); its statements are left out when the cache is re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +100,3 @@ class Nlvr2Source(Source):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "table": TABLE, "statements": len(self.table.get("statements", [])),
                 "labelled": self.labelled}
-
-
-def is_nlvr2(manifest: Any) -> bool:
-    """Whether a cache manifest (dodo.data.manifest.Manifest) was built ``--from nlvr2``."""
-    return manifest.source.get("kind") == KIND
-
-
-def read_table(root: str | Path) -> dict[str, Any]:
-    """An NLVR2 cache's statements table (torch-free)."""
-    return json.loads((Path(root).expanduser() / TABLE).read_text(encoding="utf-8"))

@@ -139,13 +139,3 @@ class VqaSource(Source):
         return {**super().describe(), "table": TABLE, "questions": len(self.table.get("questions", [])),
                 "answers": len(self.table.get("answers", [])), "min_count": self.table.get("min_count", 0),
                 "annotated": self.annotated}
-
-
-def is_vqa(manifest: Any) -> bool:
-    """Whether a cache manifest (dodo.data.manifest.Manifest) was built ``--from vqa``."""
-    return manifest.source.get("kind") == KIND
-
-
-def read_table(root: str | Path) -> dict[str, Any]:
-    """A VQA cache's questions table (torch-free)."""
-    return json.loads((Path(root).expanduser() / TABLE).read_text(encoding="utf-8"))

@@ -258,7 +258,7 @@ def default_suites(job) -> tuple[str, ...]:
     """Suites measured by default on real data: retrieval for the vl stage; none for the mim /
     mlm stages (held-out eval.mim_accuracy / eval.mlm_accuracy; they may read a unimodal cache)
     nor for vqa / nlvr2 (held-out eval.vqa_score / eval.nlvr2_accuracy on data.eval_cache)."""
-    return ("retrieval",) if job.model.vlmo.stage == "vl" else ()  # vqa / nlvr2: eval.vqa_score, eval.nlvr2_accuracy
+    return ("retrieval",) if job.model.vlmo.stage == "vl" else ()
 
 
 def backbone_parameters(v: VlmoConfig, vocab_size: int) -> int:
